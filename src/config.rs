@@ -1,0 +1,115 @@
+//! The one configuration struct. Every flag has a `MOBIFACE_*` environment
+//! variable, so containers configure the service without a config file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Cpu,
+    Cuda,
+    Coreml,
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Provider::Cpu => "cpu",
+            Provider::Cuda => "cuda",
+            Provider::Coreml => "coreml",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// How the model is loaded and run; shared by `serve` and `eval`.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct EngineConfig {
+    /// ONNX model file.
+    #[arg(long, env = "MOBIFACE_MODEL", default_value = "models/mobiface.onnx")]
+    pub model: PathBuf,
+    /// ONNX Runtime shared library (libonnxruntime.so); `make ort` fetches it.
+    #[arg(
+        long,
+        env = "ORT_DYLIB_PATH",
+        default_value = "third_party/onnxruntime/libonnxruntime.so.1.31.1"
+    )]
+    pub ort_dylib: PathBuf,
+    /// Execution provider. A provider that cannot be registered is a start-up error.
+    #[arg(long, env = "MOBIFACE_PROVIDER", value_enum, default_value_t = Provider::Cpu)]
+    pub provider: Provider,
+    /// GPU ordinal for the CUDA provider.
+    #[arg(long, env = "MOBIFACE_DEVICE_ID", default_value_t = 0)]
+    pub device_id: i32,
+    /// Inference threads, each owning one ONNX Runtime session.
+    #[arg(long, env = "MOBIFACE_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+    /// ONNX Runtime intra-op threads per session (0 = ONNX Runtime decides).
+    #[arg(long, env = "MOBIFACE_INTRA_THREADS", default_value_t = 0)]
+    pub intra_threads: usize,
+    /// Most images per model run, mirror copies included.
+    #[arg(long, env = "MOBIFACE_MAX_BATCH", default_value_t = 16)]
+    pub max_batch: usize,
+    /// How long a worker waits for more work to fill a batch (0 = run what is waiting now).
+    #[arg(long, env = "MOBIFACE_MAX_BATCH_DELAY_US", default_value_t = 0)]
+    pub max_batch_delay_us: u64,
+    /// Requests that may wait for inference before new ones get 503.
+    #[arg(long, env = "MOBIFACE_QUEUE_CAPACITY", default_value_t = 256)]
+    pub queue_capacity: usize,
+}
+
+/// Everything `mobiface serve` takes.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct Config {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, env = "MOBIFACE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub engine: EngineConfig,
+    /// SQLite gallery file; its folder is created if missing.
+    #[arg(long, env = "MOBIFACE_DATABASE", default_value = "data/gallery.db")]
+    pub database: PathBuf,
+    /// Match threshold on cosine similarity; default: the model's calibrated `mobiface.threshold`.
+    #[arg(long, env = "MOBIFACE_THRESHOLD", allow_negative_numbers = true)]
+    pub threshold: Option<f32>,
+    /// Most images in one request.
+    #[arg(long, env = "MOBIFACE_MAX_IMAGES_PER_REQUEST", default_value_t = 32)]
+    pub max_images_per_request: usize,
+    /// Largest request body in bytes.
+    #[arg(long, env = "MOBIFACE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Largest image width or height in pixels, checked before decoding.
+    #[arg(long, env = "MOBIFACE_MAX_IMAGE_SIDE", default_value_t = 8192)]
+    pub max_image_side: u32,
+    /// Most decoded bytes one image may allocate (decompression-bomb guard).
+    #[arg(long, env = "MOBIFACE_MAX_DECODED_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_decoded_bytes: u64,
+    /// Per-request time limit in milliseconds (504 when exceeded).
+    #[arg(long, env = "MOBIFACE_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub request_timeout_ms: u64,
+    /// How long shutdown waits for in-flight requests, in seconds.
+    #[arg(long, env = "MOBIFACE_SHUTDOWN_TIMEOUT_S", default_value_t = 20)]
+    pub shutdown_timeout_s: u64,
+    /// File of `<scope> <key>` lines (scope `read` or `admin`); without it the API is open.
+    #[arg(long, env = "MOBIFACE_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Require a key (any scope) for GET /metrics too.
+    #[arg(long, env = "MOBIFACE_METRICS_REQUIRE_KEY", default_value_t = false)]
+    pub metrics_require_key: bool,
+    /// Requests per second allowed per API key (0 = unlimited).
+    #[arg(long, env = "MOBIFACE_RATE_LIMIT_PER_KEY", default_value_t = 0.0)]
+    pub rate_limit_per_key: f64,
+    /// Log output format.
+    #[arg(long, env = "MOBIFACE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
