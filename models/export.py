@@ -1,0 +1,217 @@
+"""Export MobiFace to ONNX (opset 17) with the metadata the service reads at start.
+
+Untrained, seeded random weights (what the repository shipped before training):
+    .venv-train/bin/python models/export.py --untrained --seed 0 --output models/mobiface.onnx
+
+Trained weights from a checkpoint written by models/train.py:
+    .venv-train/bin/python models/export.py --checkpoint models/checkpoints/best.pt \
+        --version 1.0.0 --output models/mobiface.onnx
+then models/calibrate.py writes the thresholds into the file's metadata.
+
+Graph contract (the Rust engine relies on it):
+  input  `input`     float32 [N, 3, 112, 112], RGB, (pixel - 127.5) / 128
+  output `embedding` float32 [N, 512], not L2-normalised
+  N is dynamic. PReLU is written as relu(x) - a * relu(-x) (same function, faster in ORT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import numpy as np
+import onnx
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mobiface import EMBEDDING_DIM, HEADS, INPUT_SIZE, MobiFace, count_params  # noqa: E402
+
+OPSET = 17
+UTK_LICENCE = ("Trained partly on UTKFace crops, which are provided for non-commercial research "
+               "purposes only; these weights inherit that restriction.")
+
+
+def set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
+    """Replace (or add) metadata_props keys; a value of None removes the key."""
+    props = {p.key: p.value for p in model.metadata_props}
+    for k, v in meta.items():
+        if v is None:
+            props.pop(k, None)
+        else:
+            props[k] = str(v)
+    del model.metadata_props[:]
+    for k in sorted(props):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, props[k]
+
+
+def get_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def build_model(head: str, checkpoint: str | None, seed: int) -> MobiFace:
+    torch.manual_seed(seed)
+    model = MobiFace(head)
+    if checkpoint:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        sd = state.get("ema_model") or state.get("model") or state
+        model.load_state_dict(sd)
+    else:
+        calibrate_batchnorm(model, seed)
+    return model.eval()
+
+
+def calibrate_batchnorm(model: MobiFace, seed: int, batches: int = 8) -> None:
+    """Set BatchNorm running statistics of random weights from seeded Gaussian noise.
+
+    Without it the untrained net's outputs are ~1e-6 in norm (random FC with unit BN stats),
+    which is awkward for any consumer's normalisation epsilon. No data is involved.
+    """
+    g = torch.Generator().manual_seed(seed + 12345)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(16, 3, INPUT_SIZE, INPUT_SIZE, generator=g))
+    for bn in bns:
+        bn.momentum = 0.1
+    model.eval()
+
+
+def strip_identities(proto: onnx.ModelProto) -> None:
+    """Drop the Identity nodes the exporter adds for de-duplicated constants."""
+    alias = {}
+    keep = []
+    for n in proto.graph.node:
+        if n.op_type == "Identity":
+            alias[n.output[0]] = n.input[0]
+        else:
+            keep.append(n)
+    graph_outputs = {o.name for o in proto.graph.output}
+    if graph_outputs & alias.keys():
+        return  # never rename a graph output
+    for n in keep:
+        for i, name in enumerate(n.input):
+            while name in alias:
+                name = alias[name]
+            n.input[i] = name
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+
+
+def export(model: MobiFace, path: str, meta: dict[str, str]) -> onnx.ModelProto:
+    model = model.eval().set_decomposed_prelu(True)
+    dummy = torch.zeros(2, 3, INPUT_SIZE, INPUT_SIZE)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "raw.onnx")
+        with torch.no_grad():
+            torch.onnx.export(
+                model, (dummy,), raw,
+                input_names=["input"], output_names=["embedding"],
+                dynamic_axes={"input": {0: "N"}, "embedding": {0: "N"}},
+                opset_version=OPSET, do_constant_folding=True, dynamo=False,
+            )
+        proto = onnx.load(raw)
+    model.set_decomposed_prelu(False)
+    strip_identities(proto)
+    proto.producer_name = "mobiface-export"
+    proto.doc_string = ("MobiFace face embedding network. Input RGB 112x112 normalised "
+                        "(pixel-127.5)/128, output 512-d embedding (not normalised).")
+    set_metadata(proto, meta)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, path)
+    return proto
+
+
+def check_against_torch(model: MobiFace, path: str, seed: int = 1) -> float:
+    """Max abs difference between PyTorch (native PReLU) and onnxruntime on random input."""
+    import onnxruntime as ort
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 3, INPUT_SIZE, INPUT_SIZE, generator=g)
+    with torch.no_grad():
+        ref = model.eval()(x).numpy()
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    out = sess.run(["embedding"], {"input": x.numpy()})[0]
+    return float(np.abs(out - ref).max() / max(1e-6, np.abs(ref).max()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--head", choices=HEADS, default="gdc")
+    ap.add_argument("--checkpoint", help="checkpoint from models/train.py (else seeded random weights)")
+    ap.add_argument("--untrained", action="store_true", help="export seeded random weights")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--output", default="models/mobiface.onnx")
+    ap.add_argument("--version", default=None)
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="cosine threshold (untrained default 0.5, uncalibrated)")
+    ap.add_argument("--threshold-far-1e-2", type=float, default=None)
+    ap.add_argument("--threshold-far-1e-3", type=float, default=None)
+    ap.add_argument("--training-data", default=None)
+    ap.add_argument("--objective", default=None)
+    ap.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra metadata entry (repeatable)")
+    args = ap.parse_args(argv)
+
+    if bool(args.checkpoint) == bool(args.untrained):
+        ap.error("give exactly one of --checkpoint or --untrained")
+    trained = not args.untrained
+    model = build_model(args.head, args.checkpoint, args.seed)
+    n_params = count_params(model)
+
+    meta: dict[str, str] = {
+        "mobiface.name": "MobiFace",
+        "mobiface.version": args.version or ("1.0.0" if trained else "0.0.0-untrained"),
+        "mobiface.embedding_dim": str(EMBEDDING_DIM),
+        "mobiface.input_size": str(INPUT_SIZE),
+        "mobiface.input_mean": "127.5",
+        "mobiface.input_scale": "128",
+        "mobiface.color": "RGB",
+        "mobiface.layout": "NCHW",
+        "mobiface.head": args.head,
+        "mobiface.trained": "true" if trained else "false",
+        "mobiface.params": str(n_params),
+        "mobiface.opset": str(OPSET),
+    }
+    if trained:
+        meta["mobiface.threshold"] = str(args.threshold if args.threshold is not None else 0.5)
+        meta["mobiface.threshold_calibrated"] = "true" if args.threshold is not None else "false"
+        if args.threshold_far_1e_2 is not None:
+            meta["mobiface.threshold_far_1e-2"] = str(args.threshold_far_1e_2)
+        if args.threshold_far_1e_3 is not None:
+            meta["mobiface.threshold_far_1e-3"] = str(args.threshold_far_1e_3)
+        meta["mobiface.training_data"] = args.training_data or ""
+        meta["mobiface.objective"] = args.objective or ""
+        meta["mobiface.licence"] = UTK_LICENCE
+    else:
+        meta["mobiface.threshold"] = str(args.threshold if args.threshold is not None else 0.5)
+        meta["mobiface.threshold_calibrated"] = "false"
+        meta["mobiface.threshold_note"] = ("UNCALIBRATED: weights are seeded random (seed "
+                                           f"{args.seed}), not trained; verification results "
+                                           "are meaningless")
+        meta["mobiface.training_data"] = "none (untrained, seeded random weights)"
+        meta["mobiface.objective"] = "none"
+        meta["mobiface.seed"] = str(args.seed)
+    for kv in args.meta:
+        k, _, v = kv.partition("=")
+        meta[k] = v
+
+    export(model, args.output, meta)
+    rel = check_against_torch(model, args.output)
+    size = os.path.getsize(args.output)
+    print(f"wrote {args.output}: head={args.head} params={n_params:,} size={size:,} bytes "
+          f"trained={trained} torch-vs-onnxruntime max rel diff={rel:.2e}")
+    if rel > 1e-4:
+        print("ERROR: ONNX output differs from PyTorch", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
