@@ -13,6 +13,8 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
     pub queue_depth: IntGauge,
+    /// Configured `--queue-capacity`, so saturation is `queue_depth / queue_capacity` in PromQL.
+    pub queue_capacity: IntGauge,
     pub queue_wait: Histogram,
     pub batch_size: Histogram,
     pub inference_duration: Histogram,
@@ -101,6 +103,10 @@ impl Metrics {
 
         Self {
             queue_depth: gauge("mobiface_queue_depth", "Requests waiting for an inference worker."),
+            queue_capacity: gauge(
+                "mobiface_queue_capacity",
+                "Requests the inference queue holds before answering 503 (--queue-capacity).",
+            ),
             queue_wait: hist("mobiface_queue_wait_seconds", "Time a request waited before its batch ran.", QUEUE_BUCKETS),
             batch_size: hist("mobiface_batch_size", "Images per model run, mirror copies included.", BATCH_BUCKETS),
             inference_duration: hist("mobiface_inference_duration_seconds", "Duration of one model run.", INFERENCE_BUCKETS),
