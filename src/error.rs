@@ -9,7 +9,9 @@ use utoipa::ToSchema;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
-    /// Body is not valid JSON / multipart, or has the wrong shape.
+    /// Body is not syntactically valid JSON (or an empty body).
+    MalformedBody,
+    /// Body parses but has the wrong shape (missing field, wrong type).
     InvalidRequest,
     /// A field has an invalid value (empty name, top_k 0, threshold out of range...).
     InvalidArgument,
@@ -41,6 +43,7 @@ impl ErrorKind {
     pub fn status_and_code(self) -> (StatusCode, &'static str) {
         use ErrorKind::*;
         match self {
+            MalformedBody => (StatusCode::BAD_REQUEST, "malformed_body"),
             InvalidRequest => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             InvalidArgument => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_argument"),
             BadImage => (StatusCode::BAD_REQUEST, "bad_image"),
@@ -79,7 +82,10 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into() }
+        Self {
+            kind,
+            message: message.into(),
+        }
     }
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::InvalidArgument, message)
@@ -112,11 +118,15 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.kind.status_and_code();
         let body = ErrorBody {
-            error: ErrorDetail { code: code.to_string(), message: self.message },
+            error: ErrorDetail {
+                code: code.to_string(),
+                message: self.message,
+            },
         };
         let mut resp = (status, Json(body)).into_response();
         if let Some(secs) = self.kind.retry_after() {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         // Lets the metrics layer count rejections by reason without parsing bodies.
         resp.extensions_mut().insert(self.kind);

@@ -1,1 +1,50 @@
-//! placeholder, being written
+//! HTTP layer: shared state, the router, and one thin handler module per resource.
+
+pub mod embed;
+pub mod health;
+pub mod input;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::error::{ApiError, ErrorKind};
+use crate::gallery::Gallery;
+use crate::metrics::Metrics;
+
+/// Everything a handler may touch; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Engine,
+    pub gallery: Gallery,
+    pub metrics: Arc<Metrics>,
+    pub config: Arc<Config>,
+    /// Default match threshold: `--threshold`, else the model's calibrated one.
+    pub threshold: f32,
+    /// Cleared when shutdown starts, so readiness fails and load balancers drain us.
+    pub accepting: Arc<AtomicBool>,
+}
+
+/// The application router. Cross-cutting layers (auth, metrics, request ids,
+/// timeouts) are added in `startup`, so this stays a plain route table.
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/embed", post(embed::embed))
+        // -- gallery routes (gallery helper) --
+        // -- end gallery routes --
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(ErrorKind::NotFound, "no such route")
+}

@@ -1,0 +1,183 @@
+//! One way to start the real application for a test: real model, real ONNX
+//! Runtime, a fresh SQLite file, HTTP over loopback on a free port.
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use clap::Parser;
+use mobiface::api::AppState;
+use mobiface::config::Config;
+use mobiface::startup::Application;
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+struct ConfigArgs {
+    #[command(flatten)]
+    config: Config,
+}
+
+pub fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn lfw_dir() -> PathBuf {
+    manifest_dir().join("../shared/lfw")
+}
+
+/// A config as the binary would parse it, pointed at this checkout's model and
+/// ONNX Runtime library, listening on a free loopback port, with its own database.
+pub fn test_config(db_path: &Path) -> Config {
+    let root = manifest_dir();
+    let dylib = std::env::var("ORT_DYLIB_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("third_party/onnxruntime/libonnxruntime.so.1.31.1"));
+    let args = [
+        "test".to_string(),
+        "--listen=127.0.0.1:0".into(),
+        format!("--model={}", root.join("models/mobiface.onnx").display()),
+        format!("--ort-dylib={}", dylib.display()),
+        format!("--database={}", db_path.display()),
+    ];
+    ConfigArgs::try_parse_from(args)
+        .expect("test configuration parses")
+        .config
+}
+
+pub struct TestApp {
+    pub address: String,
+    pub port: u16,
+    pub client: reqwest::Client,
+    pub db_path: PathBuf,
+    /// The running app's state, for reading engine statistics in-process.
+    pub state: AppState,
+    pub dir: tempfile::TempDir,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(customise: impl FnOnce(&mut Config)) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db_path = dir.path().join("gallery.db");
+    let mut config = test_config(&db_path);
+    customise(&mut config);
+    let db_path = config.database.clone();
+    let app = Application::build(config)
+        .await
+        .expect("application builds");
+    let port = app.port();
+    let state = app.state().clone();
+    tokio::spawn(app.run_until_stopped());
+    TestApp {
+        address: format!("http://127.0.0.1:{port}"),
+        port,
+        client: reqwest::Client::new(),
+        db_path,
+        state,
+        dir,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn delete(&self, path: &str) -> reqwest::Response {
+        self.client
+            .delete(self.url(path))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// POST /embed with base64 images; returns the embeddings, panicking on a non-200.
+    pub async fn embed(&self, images: &[Vec<u8>], flip: bool) -> Vec<Vec<f32>> {
+        let body =
+            json!({"images": images.iter().map(|b| b64(b)).collect::<Vec<_>>(), "flip": flip});
+        let resp = self.post_json("/embed", &body).await;
+        let status = resp.status();
+        let value: Value = resp.json().await.expect("JSON body");
+        assert_eq!(status, 200, "embed failed: {value}");
+        embeddings_of(&value)
+    }
+}
+
+pub fn embeddings_of(value: &Value) -> Vec<Vec<f32>> {
+    value["embeddings"]
+        .as_array()
+        .expect("embeddings array")
+        .iter()
+        .map(|e| {
+            e["embedding"]
+                .as_array()
+                .expect("embedding array")
+                .iter()
+                .map(|x| x.as_f64().expect("number") as f32)
+                .collect()
+        })
+        .collect()
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb)
+}
+
+/// Aligned 112x112 crops from the evaluation identities, one per person,
+/// in a stable order. `n` must not exceed the identities available.
+pub fn eval_crops(n: usize) -> Vec<PathBuf> {
+    let root = lfw_dir().join("eval-aligned");
+    let mut people: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("{} must exist (shared LFW data): {e}", root.display()))
+        .map(|e| e.expect("dir entry").path())
+        .collect();
+    people.sort();
+    let crops: Vec<PathBuf> = people
+        .into_iter()
+        .filter_map(|dir| {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .ok()?
+                .map(|e| e.expect("dir entry").path())
+                .collect();
+            files.sort();
+            files.into_iter().next()
+        })
+        .take(n)
+        .collect();
+    assert_eq!(
+        crops.len(),
+        n,
+        "not enough identities in {}",
+        root.display()
+    );
+    crops
+}
+
+pub fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
