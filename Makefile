@@ -8,7 +8,7 @@ VENV := .venv
 VENV_TRAIN := .venv-train
 export ORT_DYLIB_PATH ?= $(abspath $(ORT_LIB))
 
-.PHONY: run test bench train ort venv venv-train lint fmt clean
+.PHONY: run test bench train ort venv lint fmt prometheus-tools
 
 ## ONNX Runtime shared library, taken out of the PyPI wheel (the ort crate's own download cannot reach its host).
 ort: $(ORT_LIB)
@@ -20,9 +20,36 @@ $(ORT_LIB):
 	cp $(ORT_DIR)/wheel/x/onnxruntime/capi/libonnxruntime.so.$(ORT_VERSION) $(ORT_LIB)
 	rm -rf $(ORT_DIR)/wheel
 
-## Light Python environment for checking exported models (onnx + onnxruntime, no PyTorch).
+## Light Python environment for checking exported models and deploy files (no PyTorch).
+CHECK_REQUIREMENTS := models/requirements-check.txt tests/ops/requirements.txt
 venv: $(VENV)/.done
-$(VENV)/.done: models/requirements-check.txt
+$(VENV)/.done: $(CHECK_REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -r models/requirements-check.txt
+	$(VENV)/bin/pip install --quiet $(addprefix -r ,$(CHECK_REQUIREMENTS))
 	touch $@
+
+## Prometheus and promtool from Debian's package, for the real-Prometheus check.
+prometheus-tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; }
+
+## Serve on 127.0.0.1:8080 with models/mobiface.onnx and data/gallery.db.
+run: ort
+	cargo run --release --locked -- serve
+
+## Everything CI runs: model graph checks, Dockerfile checks, all Rust tests
+## (real model, real SQLite, real HTTP), and the real-Prometheus proof.
+test: ort venv prometheus-tools
+	cargo build --locked
+	$(VENV)/bin/python models/test_model.py
+	$(VENV)/bin/python tests/ops/check_dockerfile.py
+	cargo test --locked
+	$(VENV)/bin/python tests/ops/prometheus_check.py --bin target/debug/mobiface
+
+lint:
+	cargo fmt --check
+	cargo clippy --locked --all-targets -- -D warnings
+
+fmt:
+	cargo fmt
