@@ -55,23 +55,33 @@ impl Metrics {
         let hist = |name: &str, help: &str, buckets: &[f64]| {
             let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
                 .expect("static histogram options are valid");
-            registry.register(Box::new(h.clone())).expect("metric names are unique");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("metric names are unique");
             h
         };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("static gauge options are valid");
-            registry.register(Box::new(g.clone())).expect("metric names are unique");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("metric names are unique");
             g
         };
 
         let http_requests = IntCounterVec::new(
-            Opts::new("mobiface_http_requests_total", "HTTP requests by route template, method and status."),
+            Opts::new(
+                "mobiface_http_requests_total",
+                "HTTP requests by route template, method and status.",
+            ),
             &["route", "method", "status"],
         )
         .expect("valid");
         let http_duration = HistogramVec::new(
-            HistogramOpts::new("mobiface_http_request_duration_seconds", "HTTP request duration.")
-                .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "mobiface_http_request_duration_seconds",
+                "HTTP request duration.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
             &["route", "method", "status"],
         )
         .expect("valid");
@@ -83,11 +93,16 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid");
-        let faces_embedded =
-            IntCounter::new("mobiface_faces_embedded_total", "Faces embedded (mirror copies not counted).")
-                .expect("valid");
+        let faces_embedded = IntCounter::new(
+            "mobiface_faces_embedded_total",
+            "Faces embedded (mirror copies not counted).",
+        )
+        .expect("valid");
         let build_info = IntGaugeVec::new(
-            Opts::new("mobiface_build_info", "Always 1; labels describe the running build and model."),
+            Opts::new(
+                "mobiface_build_info",
+                "Always 1; labels describe the running build and model.",
+            ),
             &["version", "model_name", "model_version", "provider"],
         )
         .expect("valid");
@@ -102,23 +117,53 @@ impl Metrics {
         }
 
         Self {
-            queue_depth: gauge("mobiface_queue_depth", "Requests waiting for an inference worker."),
+            queue_depth: gauge(
+                "mobiface_queue_depth",
+                "Requests waiting for an inference worker.",
+            ),
             queue_capacity: gauge(
                 "mobiface_queue_capacity",
                 "Requests the inference queue holds before answering 503 (--queue-capacity).",
             ),
-            queue_wait: hist("mobiface_queue_wait_seconds", "Time a request waited before its batch ran.", QUEUE_BUCKETS),
-            batch_size: hist("mobiface_batch_size", "Images per model run, mirror copies included.", BATCH_BUCKETS),
-            inference_duration: hist("mobiface_inference_duration_seconds", "Duration of one model run.", INFERENCE_BUCKETS),
+            queue_wait: hist(
+                "mobiface_queue_wait_seconds",
+                "Time a request waited before its batch ran.",
+                QUEUE_BUCKETS,
+            ),
+            batch_size: hist(
+                "mobiface_batch_size",
+                "Images per model run, mirror copies included.",
+                BATCH_BUCKETS,
+            ),
+            inference_duration: hist(
+                "mobiface_inference_duration_seconds",
+                "Duration of one model run.",
+                INFERENCE_BUCKETS,
+            ),
             gallery_subjects: gauge("mobiface_gallery_subjects", "Subjects in the gallery."),
-            gallery_faces: gauge("mobiface_gallery_faces", "Searchable faces (made by the running model)."),
+            gallery_faces: gauge(
+                "mobiface_gallery_faces",
+                "Searchable faces (made by the running model).",
+            ),
             gallery_faces_other_model: gauge(
                 "mobiface_gallery_faces_other_model",
                 "Stored faces made by another model; never compared.",
             ),
-            identify_duration: hist("mobiface_identify_duration_seconds", "POST /identify duration, embedding included.", LATENCY_BUCKETS),
-            verify_duration: hist("mobiface_verify_duration_seconds", "POST /verify duration, embedding included.", LATENCY_BUCKETS),
-            similarity: hist("mobiface_similarity", "Similarities returned by verify and identify.", &similarity_buckets()),
+            identify_duration: hist(
+                "mobiface_identify_duration_seconds",
+                "POST /identify duration, embedding included.",
+                LATENCY_BUCKETS,
+            ),
+            verify_duration: hist(
+                "mobiface_verify_duration_seconds",
+                "POST /verify duration, embedding included.",
+                LATENCY_BUCKETS,
+            ),
+            similarity: hist(
+                "mobiface_similarity",
+                "Similarities returned by verify and identify.",
+                &similarity_buckets(),
+            ),
             registry,
             http_requests,
             http_duration,
@@ -140,5 +185,179 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The `reason` label of `mobiface_requests_rejected_total` for an error kind, if
+/// that kind is a rejection worth counting.
+pub fn rejection_reason(kind: crate::error::ErrorKind) -> Option<&'static str> {
+    use crate::error::ErrorKind::*;
+    match kind {
+        QueueFull => Some("queue_full"),
+        PayloadTooLarge | ImageTooLarge => Some("too_large"),
+        TooManyImages => Some("too_many_images"),
+        BadImage | BadLandmarks => Some("bad_image"),
+        UnsupportedMediaType => Some("unsupported_media_type"),
+        Unauthorized | Forbidden => Some("unauthorized"),
+        RateLimited => Some("rate_limited"),
+        Timeout => Some("timeout"),
+        Unavailable => Some("unavailable"),
+        // Ordinary client mistakes and internal faults are not rejections; a wildcard
+        // keeps new kinds from breaking the build of this module.
+        _ => None,
+    }
+}
+
+/// Axum middleware counting every request by route template, method and status:
+/// `axum::middleware::from_fn_with_state(metrics, metrics::track_http)`, added with
+/// `Router::layer` outside the auth layer so auth rejections are counted too.
+/// The route is axum's `MatchedPath` (`/subjects/{id}`), never the raw path, so ids
+/// cannot blow up the label set; requests no route matched are `unmatched`.
+pub async fn track_http(
+    axum::extract::State(metrics): axum::extract::State<std::sync::Arc<Metrics>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = method_label(req.method());
+    let start = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let labels = [route.as_str(), method, status.as_str()];
+    metrics.http_requests.with_label_values(&labels).inc();
+    metrics
+        .http_duration
+        .with_label_values(&labels)
+        .observe(start.elapsed().as_secs_f64());
+    let reason = match resp.extensions().get::<crate::error::ErrorKind>() {
+        Some(kind) => rejection_reason(*kind),
+        // Rejections made by axum or tower before our handlers ran carry no kind.
+        None if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE => Some("too_large"),
+        None => None,
+    };
+    if let Some(reason) = reason {
+        metrics.rejected.with_label_values(&[reason]).inc();
+    }
+    resp
+}
+
+/// Methods outside the standard set share one label value, so a client sending
+/// made-up methods cannot create new series.
+fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{ApiError, ErrorKind};
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use axum::routing::{get, post};
+    use axum::Router;
+    use std::sync::Arc;
+    use tower::ServiceExt;
+
+    fn app(metrics: Arc<Metrics>) -> Router {
+        Router::new()
+            .route("/subjects/{id}", get(|| async { "ok" }))
+            .route(
+                "/embed",
+                post(|| async { Err::<(), _>(ApiError::new(ErrorKind::QueueFull, "full")) }),
+            )
+            .route(
+                "/bad",
+                post(|| async { Err::<(), _>(ApiError::new(ErrorKind::BadLandmarks, "6 points")) }),
+            )
+            .layer(axum::middleware::from_fn_with_state(metrics, track_http))
+    }
+
+    async fn call(app: &Router, method: &str, uri: &str) -> StatusCode {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::empty())
+            .unwrap();
+        app.clone().oneshot(req).await.unwrap().status()
+    }
+
+    #[tokio::test]
+    async fn http_metrics_use_route_templates_and_count_rejections() {
+        let metrics = Arc::new(Metrics::new());
+        let app = app(metrics.clone());
+        assert_eq!(
+            call(&app, "GET", "/subjects/0b6f6c1e-aaaa").await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            call(&app, "GET", "/subjects/another-id").await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            call(&app, "POST", "/embed").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(call(&app, "POST", "/bad").await, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            call(&app, "GET", "/no/such/path").await,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            call(&app, "BREW", "/subjects/x").await,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+
+        let count = |l: [&str; 3]| metrics.http_requests.with_label_values(&l).get();
+        assert_eq!(count(["/subjects/{id}", "GET", "200"]), 2);
+        assert_eq!(count(["/embed", "POST", "503"]), 1);
+        assert_eq!(count(["unmatched", "GET", "404"]), 1);
+        assert_eq!(count(["/subjects/{id}", "OTHER", "405"]), 1);
+        assert_eq!(
+            metrics
+                .http_duration
+                .with_label_values(&["/subjects/{id}", "GET", "200"])
+                .get_sample_count(),
+            2
+        );
+        assert_eq!(metrics.rejected.with_label_values(&["queue_full"]).get(), 1);
+        assert_eq!(metrics.rejected.with_label_values(&["bad_image"]).get(), 1);
+
+        let text = metrics.render();
+        assert!(!text.contains("0b6f6c1e"), "raw path leaked into labels");
+        assert!(text.contains(
+            r#"mobiface_http_requests_total{method="GET",route="/subjects/{id}",status="200"} 2"#
+        ));
+    }
+
+    #[test]
+    fn every_rejection_kind_has_a_reason_matching_the_dashboard() {
+        for (kind, reason) in [
+            (ErrorKind::QueueFull, Some("queue_full")),
+            (ErrorKind::PayloadTooLarge, Some("too_large")),
+            (ErrorKind::ImageTooLarge, Some("too_large")),
+            (ErrorKind::BadImage, Some("bad_image")),
+            (ErrorKind::BadLandmarks, Some("bad_image")),
+            (ErrorKind::Unauthorized, Some("unauthorized")),
+            (ErrorKind::Forbidden, Some("unauthorized")),
+            (ErrorKind::RateLimited, Some("rate_limited")),
+            (ErrorKind::NotFound, None),
+            (ErrorKind::Internal, None),
+        ] {
+            assert_eq!(rejection_reason(kind), reason, "{kind:?}");
+        }
     }
 }
