@@ -76,7 +76,8 @@ impl Application {
             threshold,
             accepting: Arc::new(AtomicBool::new(true)),
         };
-        let router = api::router(state.clone());
+        // Ops routes and layers (request id, metrics, timeout, auth): see api::ops.
+        let router = api::ops::wrap(api::router(state.clone()), &state)?;
         Ok(Application {
             listener,
             router,

@@ -6,10 +6,13 @@
 //! events logged while it waits in the inference queue or runs in a batch name the
 //! request they belong to.
 
+use std::time::Instant;
+
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderName, HeaderValue};
-use tower_http::request_id::{MakeRequestId, RequestId};
-use tracing::Span;
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use tracing::{Instrument, Span};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -34,20 +37,49 @@ pub fn init(format: LogFormat) {
     };
 }
 
-pub fn request_id_header() -> HeaderName {
-    HeaderName::from_static(REQUEST_ID_HEADER)
+/// Longest client-sent request id kept; longer (or non-printable) ones are replaced.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+fn acceptable_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty() && b.len() <= MAX_REQUEST_ID_LEN && b.iter().all(|c| c.is_ascii_graphic())
 }
 
-/// Generates an id for requests that arrive without `x-request-id`.
-#[derive(Clone, Copy, Default)]
-pub struct UuidRequestId;
-
-impl MakeRequestId for UuidRequestId {
-    fn make_request_id<B>(&mut self, _req: &axum::http::Request<B>) -> Option<RequestId> {
-        HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
-            .ok()
-            .map(RequestId::new)
+/// Axum middleware (`axum::middleware::from_fn(telemetry::request_id)`), outermost:
+/// keeps the client's `x-request-id` (or makes one), runs the request inside its
+/// span, logs one line when it is answered, and echoes the id in the response.
+pub async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .filter(|v| acceptable_request_id(v))
+        .cloned()
+        .or_else(|| HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).ok());
+    if let Some(id) = &id {
+        req.headers_mut().insert(REQUEST_ID_HEADER, id.clone());
+    } else {
+        req.headers_mut().remove(REQUEST_ID_HEADER);
     }
+    let span = request_span(&req);
+    // Probes and scrapes come every few seconds: keep them out of info logs.
+    let quiet = matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics");
+    let start = Instant::now();
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    let status = resp.status().as_u16();
+    let latency_ms = start.elapsed().as_secs_f64() * 1e3;
+    span.in_scope(|| {
+        if quiet {
+            tracing::debug!(status, latency_ms, "request");
+        } else if status >= 500 {
+            tracing::warn!(status, latency_ms, "request");
+        } else {
+            tracing::info!(status, latency_ms, "request");
+        }
+    });
+    if let Some(id) = id {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, id);
+    }
+    resp
 }
 
 /// The span every request runs in. Uses the route template, never the raw path,

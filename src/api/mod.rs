@@ -3,6 +3,8 @@
 pub mod embed;
 pub mod health;
 pub mod input;
+pub mod openapi;
+pub mod ops;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
