@@ -1,0 +1,602 @@
+//! Gallery tests on real SQLite files in temporary folders.
+
+use std::collections::HashMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+
+const DIM: usize = 512;
+const MODEL: &str = "mobiface@test-1";
+
+fn unit(rng: &mut StdRng) -> Vec<f32> {
+    let mut v: Vec<f32> = (0..DIM)
+        .map(|_| (0..4).map(|_| rng.random::<f32>() - 0.5).sum())
+        .collect();
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter_mut().for_each(|x| *x /= n);
+    v
+}
+
+fn open(path: &Path) -> Gallery {
+    Gallery::open(path, MODEL, DIM, Arc::new(Metrics::new())).expect("open gallery")
+}
+
+/// Writes rows straight into the file, bypassing the gallery (as another
+/// model's service, or a bulk import, would have).
+fn raw_insert(path: &Path, subjects: &[Uuid], faces: &[(Uuid, Uuid, Vec<f32>, &str)]) {
+    let conn = store::open(path).expect("open raw");
+    let tx = conn.unchecked_transaction().expect("tx");
+    for (i, s) in subjects.iter().enumerate() {
+        store::insert_subject(&tx, s, &format!("subject {i}"), "{}").expect("subject");
+    }
+    for (f, s, v, model) in faces {
+        assert!(store::insert_face(&tx, f, s, v, model)
+            .expect("face")
+            .is_some());
+    }
+    tx.commit().expect("commit");
+}
+
+fn naive(
+    faces: &[(Uuid, Uuid, Vec<f32>)],
+    q: &[f32],
+    k: usize,
+    thr: f32,
+) -> Vec<(Uuid, f64, Uuid)> {
+    let mut best: HashMap<Uuid, (f64, Uuid)> = HashMap::new();
+    for (fid, sid, v) in faces {
+        let s: f64 = v
+            .iter()
+            .zip(q)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum();
+        let e = best.entry(*sid).or_insert((f64::NEG_INFINITY, *fid));
+        if s > e.0 {
+            *e = (s, *fid);
+        }
+    }
+    let mut all: Vec<(Uuid, f64, Uuid)> = best
+        .into_iter()
+        .filter(|(_, (s, _))| *s >= f64::from(thr))
+        .map(|(sid, (s, f))| (sid, s, f))
+        .collect();
+    all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    all.truncate(k);
+    all
+}
+
+fn assert_same(got: &[Match], want: &[(Uuid, f64, Uuid)]) {
+    assert_eq!(got.len(), want.len(), "got {got:?}\nwant {want:?}");
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(
+            (g.subject_id, g.face_id),
+            (w.0, w.2),
+            "got {got:?}\nwant {want:?}"
+        );
+        assert!(
+            (f64::from(g.similarity) - w.1).abs() < 1e-5,
+            "{} vs {}",
+            g.similarity,
+            w.1
+        );
+    }
+}
+
+#[test]
+fn migrations_are_idempotent_and_pragmas_set() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A missing folder is created.
+    let path = dir.path().join("nested/deeper/gallery.db");
+    let conn = store::open(&path).expect("first open");
+    let versions: Vec<String> = conn
+        .prepare("SELECT version FROM schema_migrations ORDER BY version")
+        .expect("prepare")
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<rusqlite::Result<_>>()
+        .expect("rows");
+    assert_eq!(
+        versions,
+        MIGRATIONS_FOR_TEST
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        store::migrate(&conn).expect("re-run"),
+        0,
+        "nothing left to apply"
+    );
+    drop(conn);
+    let conn = store::open(&path).expect("second open applies nothing and does not fail");
+    let n: i64 = conn
+        .query_row("SELECT count(*) FROM schema_migrations", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(n as usize, MIGRATIONS_FOR_TEST.len());
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .expect("mode");
+    let sync: i64 = conn
+        .query_row("PRAGMA synchronous", [], |r| r.get(0))
+        .expect("sync");
+    let fk: i64 = conn
+        .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+        .expect("fk");
+    assert_eq!(
+        (mode.as_str(), sync, fk),
+        ("wal", 2, 1),
+        "WAL, synchronous=FULL, foreign keys on"
+    );
+}
+
+const MIGRATIONS_FOR_TEST: &[&str] = &["0001_gallery"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_survive_reopen_and_deletes_stick() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("g.db");
+    let mut rng = StdRng::seed_from_u64(3);
+    let g = open(&path);
+    let alice = g
+        .create_subject(
+            "  Alice ".into(),
+            Some(serde_json::json!({"team": "red", "n": 1})),
+        )
+        .await
+        .expect("alice");
+    assert_eq!(alice.name, "Alice", "name is trimmed");
+    let bob = g.create_subject("Bob".into(), None).await.expect("bob");
+    let (a, b) = (
+        Uuid::parse_str(&alice.id).expect("uuid"),
+        Uuid::parse_str(&bob.id).expect("uuid"),
+    );
+    let va: Vec<Vec<f32>> = (0..3).map(|_| unit(&mut rng)).collect();
+    let vb = unit(&mut rng);
+    let mut fa = Vec::new();
+    for v in &va {
+        fa.push(g.add_face(a, v.clone()).await.expect("face"));
+    }
+    let fb = g.add_face(b, vb.clone()).await.expect("face");
+    g.delete_face(a, fa[1]).await.expect("delete face");
+    // Dropped without close(): what was acknowledged must already be on disk.
+    drop(g);
+
+    let g = open(&path);
+    assert_eq!(
+        g.counts(),
+        Counts {
+            subjects: 2,
+            faces: 3,
+            faces_other_model: 0
+        }
+    );
+    let detail = g.get_subject(a).await.expect("alice back");
+    assert_eq!(
+        detail.subject.metadata,
+        serde_json::json!({"team": "red", "n": 1})
+    );
+    assert_eq!(detail.subject.face_count, 2);
+    let ids: Vec<String> = detail.faces.iter().map(|f| f.id.clone()).collect();
+    assert_eq!(ids, vec![fa[0].to_string(), fa[2].to_string()]);
+    assert!(detail.faces.iter().all(|f| f.model == MODEL));
+    // Embeddings come back bit-exact: a stored vector matches itself at 1.
+    let hit = g.identify(va[2].clone(), 1, 0.5).await.expect("identify");
+    assert_eq!(
+        (hit.matches[0].subject_id, hit.matches[0].face_id),
+        (a, fa[2])
+    );
+    assert!((hit.matches[0].similarity - 1.0).abs() < 1e-6);
+    assert_eq!(hit.gallery_size, 2);
+    // The deleted face is gone from the search too.
+    let hit = g.identify(va[1].clone(), 5, -1.0).await.expect("identify");
+    assert!(hit.matches.iter().all(|m| m.face_id != fa[1]));
+    let (s, f) = g.best_for_subject(b, vb.clone()).await.expect("verify");
+    assert_eq!(f, fb);
+    assert!((s - 1.0).abs() < 1e-6);
+
+    g.delete_subject(a).await.expect("delete alice");
+    assert!(matches!(
+        g.get_subject(a).await,
+        Err(GalleryError::NotFound(_))
+    ));
+    g.close().await.expect("close");
+    g.close().await.expect("second close is harmless");
+    assert!(matches!(
+        g.create_subject("x".into(), None).await,
+        Err(GalleryError::Closed)
+    ));
+    // A clean close leaves no WAL content behind.
+    let wal = dir.path().join("g.db-wal");
+    assert!(
+        std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) == 0,
+        "WAL checkpointed"
+    );
+    drop(g);
+
+    let g = open(&path);
+    assert_eq!(
+        g.counts(),
+        Counts {
+            subjects: 1,
+            faces: 1,
+            faces_other_model: 0
+        }
+    );
+    let hit = g.identify(va[0].clone(), 10, -1.0).await.expect("identify");
+    assert!(
+        hit.matches.iter().all(|m| m.subject_id != a),
+        "deleted subject never returned"
+    );
+    // Cascade removed Alice's faces from the file, not only from the index.
+    let conn = store::open(&path).expect("raw");
+    let n: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM faces WHERE subject_id = ?1",
+            [a.to_string()],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(n, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identify_equals_naive_scan_of_stored_embeddings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("g.db");
+    let mut rng = StdRng::seed_from_u64(99);
+    let subjects: Vec<Uuid> = (0..500).map(|_| Uuid::new_v4()).collect();
+    let mut faces: Vec<(Uuid, Uuid, Vec<f32>)> = (0..3000)
+        .map(|i| (Uuid::new_v4(), subjects[i % subjects.len()], unit(&mut rng)))
+        .collect();
+    let rows: Vec<_> = faces
+        .iter()
+        .map(|(f, s, v)| (*f, *s, v.clone(), MODEL))
+        .collect();
+    raw_insert(&path, &subjects, &rows);
+
+    // Loaded from the file, then changed live through the gallery.
+    let g = open(&path);
+    assert_eq!(g.counts().faces, 3000);
+    for _ in 0..20 {
+        let i = rng.random_range(0..faces.len());
+        let (fid, sid, _) = faces.swap_remove(i);
+        g.delete_face(sid, fid).await.expect("delete");
+    }
+    for _ in 0..20 {
+        let sid = subjects[rng.random_range(0..subjects.len())];
+        let v = unit(&mut rng);
+        let fid = g.add_face(sid, v.clone()).await.expect("add");
+        faces.push((fid, sid, v));
+    }
+    let gone = subjects[7];
+    g.delete_subject(gone).await.expect("delete subject");
+    faces.retain(|f| f.1 != gone);
+
+    for q in 0..30 {
+        let query = if q % 3 == 0 {
+            // A perturbed stored face: a clear winner.
+            let base = &faces[rng.random_range(0..faces.len())].2;
+            let noise = unit(&mut rng);
+            let mut v: Vec<f32> = base.iter().zip(&noise).map(|(a, b)| a + 0.5 * b).collect();
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.iter_mut().for_each(|x| *x /= n);
+            v
+        } else {
+            unit(&mut rng)
+        };
+        for (k, thr) in [(1, -1.0), (5, -1.0), (20, 0.0), (100, -1.0), (10, 0.3)] {
+            let got = g.identify(query.clone(), k, thr).await.expect("identify");
+            assert_same(&got.matches, &naive(&faces, &query, k, thr));
+        }
+    }
+    // And again after a restart, from the file alone.
+    drop(g);
+    let g = open(&path);
+    assert_eq!(g.counts().faces, faces.len());
+    for _ in 0..10 {
+        let query = unit(&mut rng);
+        let got = g.identify(query.clone(), 10, -1.0).await.expect("identify");
+        assert_same(&got.matches, &naive(&faces, &query, 10, -1.0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_model_faces_are_counted_but_never_searched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("g.db");
+    let mut rng = StdRng::seed_from_u64(5);
+    let (s1, s2) = (Uuid::new_v4(), Uuid::new_v4());
+    let old: Vec<(Uuid, Uuid, Vec<f32>, &str)> = (0..4)
+        .map(|i| {
+            (
+                Uuid::new_v4(),
+                if i < 3 { s1 } else { s2 },
+                unit(&mut rng),
+                "mobiface@old-0",
+            )
+        })
+        .collect();
+    let ours = (Uuid::new_v4(), s2, unit(&mut rng), MODEL);
+    let mut rows = old.clone();
+    rows.push(ours.clone());
+    raw_insert(&path, &[s1, s2], &rows);
+
+    let metrics = Arc::new(Metrics::new());
+    let g = Gallery::open(&path, MODEL, DIM, metrics.clone()).expect("open");
+    assert_eq!(
+        g.counts(),
+        Counts {
+            subjects: 2,
+            faces: 1,
+            faces_other_model: 4
+        }
+    );
+    assert_eq!(metrics.gallery_faces_other_model.get(), 4);
+    assert_eq!(metrics.gallery_faces.get(), 1);
+    assert_eq!(metrics.gallery_subjects.get(), 2);
+    // Even a query identical to an old-model embedding finds only our face.
+    for (fid, _, v, _) in &old {
+        let hit = g.identify(v.clone(), 10, -1.0).await.expect("identify");
+        assert_eq!(hit.matches.len(), 1);
+        assert_eq!(hit.matches[0].face_id, ours.0);
+        assert_ne!(hit.matches[0].face_id, *fid);
+        assert_eq!(hit.gallery_size, 1);
+    }
+    // Subject 1 has only old-model faces: verify cannot compare, and says why.
+    match g.best_for_subject(s1, old[0].2.clone()).await {
+        Err(GalleryError::Invalid(m)) => {
+            assert!(m.contains("no face made by the running model"), "{m}")
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    // They are still listed, with their model.
+    let d = g.get_subject(s1).await.expect("subject");
+    assert_eq!(d.faces.len(), 3);
+    assert!(d.faces.iter().all(|f| f.model == "mobiface@old-0"));
+    // Deleting old faces keeps the count (and gauge) in step.
+    g.delete_face(s1, old[0].0).await.expect("delete old face");
+    assert_eq!(g.counts().faces_other_model, 3);
+    g.delete_subject(s1).await.expect("delete subject");
+    assert_eq!(g.counts().faces_other_model, 1);
+    assert_eq!(metrics.gallery_faces_other_model.get(), 1);
+    drop(g);
+    let g = open(&path);
+    assert_eq!(
+        g.counts(),
+        Counts {
+            subjects: 1,
+            faces: 1,
+            faces_other_model: 1
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_are_refused_with_reasons() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let g = open(&dir.path().join("g.db"));
+    let mut rng = StdRng::seed_from_u64(1);
+    let s = g.create_subject("ok".into(), None).await.expect("subject");
+    let sid = Uuid::parse_str(&s.id).expect("uuid");
+    let big = serde_json::json!({ "blob": "x".repeat(MAX_METADATA_BYTES) });
+    let invalid = |r: Result<Subject>, what: &str, needle: &str| match r {
+        Err(GalleryError::Invalid(m)) => assert!(m.contains(needle), "{what}: {m}"),
+        other => panic!("{what}: expected Invalid, got {other:?}"),
+    };
+    invalid(
+        g.create_subject("".into(), None).await,
+        "empty name",
+        "empty",
+    );
+    invalid(
+        g.create_subject("   ".into(), None).await,
+        "blank name",
+        "empty",
+    );
+    invalid(
+        g.create_subject("n".repeat(MAX_NAME_CHARS + 1), None).await,
+        "long name",
+        "longer",
+    );
+    invalid(
+        g.create_subject("a".into(), Some(serde_json::json!([1])))
+            .await,
+        "array metadata",
+        "object",
+    );
+    invalid(
+        g.create_subject("a".into(), Some(big)).await,
+        "oversized metadata",
+        "limit",
+    );
+
+    let mut short = unit(&mut rng);
+    short.pop();
+    assert!(matches!(
+        g.add_face(sid, short).await,
+        Err(GalleryError::Invalid(_))
+    ));
+    let mut nan = unit(&mut rng);
+    nan[3] = f32::NAN;
+    assert!(matches!(
+        g.add_face(sid, nan).await,
+        Err(GalleryError::Invalid(_))
+    ));
+    let unknown = Uuid::new_v4();
+    assert!(matches!(
+        g.add_face(unknown, unit(&mut rng)).await,
+        Err(GalleryError::NotFound(_))
+    ));
+    assert!(matches!(
+        g.delete_subject(unknown).await,
+        Err(GalleryError::NotFound(_))
+    ));
+    assert!(matches!(
+        g.get_subject(unknown).await,
+        Err(GalleryError::NotFound(_))
+    ));
+    assert!(matches!(
+        g.delete_face(sid, unknown).await,
+        Err(GalleryError::NotFound(_))
+    ));
+    assert!(matches!(
+        g.best_for_subject(unknown, unit(&mut rng)).await,
+        Err(GalleryError::NotFound(_))
+    ));
+    // A face is only deletable under its own subject.
+    let other = g
+        .create_subject("other".into(), None)
+        .await
+        .expect("subject");
+    let fid = g.add_face(sid, unit(&mut rng)).await.expect("face");
+    let oid = Uuid::parse_str(&other.id).expect("uuid");
+    assert!(matches!(
+        g.delete_face(oid, fid).await,
+        Err(GalleryError::NotFound(_))
+    ));
+    assert_eq!(g.counts().faces, 1);
+
+    for (k, t) in [
+        (0, 0.3),
+        (MAX_TOP_K + 1, 0.3),
+        (usize::MAX, 0.3),
+        (5, 1.01),
+        (5, -1.5),
+        (5, f32::NAN),
+    ] {
+        assert!(
+            matches!(
+                g.identify(unit(&mut rng), k, t).await,
+                Err(GalleryError::Invalid(_))
+            ),
+            "top_k {k} threshold {t}"
+        );
+    }
+    for (limit, after) in [
+        (Some(0), None),
+        (Some(MAX_LIST_LIMIT + 1), None),
+        (None, Some("abc")),
+        (None, Some("-4")),
+    ] {
+        assert!(
+            matches!(
+                g.list_subjects(limit, after.map(String::from)).await,
+                Err(GalleryError::Invalid(_))
+            ),
+            "limit {limit:?} after {after:?}"
+        );
+    }
+    // Refusals changed nothing.
+    assert_eq!(
+        g.counts(),
+        Counts {
+            subjects: 2,
+            faces: 1,
+            faces_other_model: 0
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_pages_in_creation_order_without_repeats() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let g = open(&dir.path().join("g.db"));
+    let mut ids = Vec::new();
+    for i in 0..25 {
+        ids.push(
+            g.create_subject(format!("p{i}"), None)
+                .await
+                .expect("subject")
+                .id,
+        );
+    }
+    let mut seen = Vec::new();
+    let mut after = None;
+    let mut pages = 0;
+    loop {
+        let page = g
+            .list_subjects(Some(10), after.clone())
+            .await
+            .expect("page");
+        pages += 1;
+        if pages == 2 {
+            // A delete between pages neither shifts nor repeats later entries.
+            g.delete_subject(Uuid::parse_str(&ids[3]).expect("uuid"))
+                .await
+                .expect("delete");
+            g.delete_subject(Uuid::parse_str(&ids[22]).expect("uuid"))
+                .await
+                .expect("delete");
+        }
+        seen.extend(page.subjects.into_iter().map(|s| s.id));
+        match page.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    // ids[3] was already seen; ids[22] was deleted before its page was read.
+    let want: Vec<String> = ids.iter().filter(|i| **i != ids[22]).cloned().collect();
+    assert_eq!(seen, want);
+    assert_eq!(pages, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_enrolment_and_search_end_consistent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("g.db");
+    let g = open(&path);
+    let mut sids = Vec::new();
+    for i in 0..8 {
+        let s = g
+            .create_subject(format!("c{i}"), None)
+            .await
+            .expect("subject");
+        sids.push(Uuid::parse_str(&s.id).expect("uuid"));
+    }
+    let mut tasks = Vec::new();
+    for w in 0..8u64 {
+        let g = g.clone();
+        let sid = sids[w as usize];
+        tasks.push(tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(w);
+            let mut mine = Vec::new();
+            for _ in 0..15 {
+                let v = unit(&mut rng);
+                let f = g
+                    .add_face(sid, v.clone())
+                    .await
+                    .expect("add during searches");
+                mine.push((f, v));
+                let hit = g
+                    .identify(unit(&mut rng), 3, -1.0)
+                    .await
+                    .expect("identify during writes");
+                assert!(!hit.matches.is_empty());
+            }
+            mine
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("task"));
+    }
+    assert_eq!(g.counts().faces, 8 * 15);
+    // Every acknowledged face is findable as itself, now and after a restart.
+    for (f, v) in all.iter().step_by(7) {
+        assert_eq!(
+            g.identify(v.clone(), 1, 0.99).await.expect("id").matches[0].face_id,
+            *f
+        );
+    }
+    drop(g);
+    let g = open(&path);
+    assert_eq!(g.counts().faces, 8 * 15);
+    for (f, v) in all.iter().step_by(5) {
+        assert_eq!(
+            g.identify(v.clone(), 1, 0.99).await.expect("id").matches[0].face_id,
+            *f
+        );
+    }
+}
