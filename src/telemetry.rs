@@ -23,8 +23,11 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// applications in one process): only the first call takes effect.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour only for a person at a terminal, never into files or log collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_target(true);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -66,7 +69,7 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
     let start = Instant::now();
     let mut resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
-    let latency_ms = start.elapsed().as_secs_f64() * 1e3;
+    let latency_ms = (start.elapsed().as_secs_f64() * 1e6).round() / 1e3;
     span.in_scope(|| {
         if quiet {
             tracing::debug!(status, latency_ms, "request");

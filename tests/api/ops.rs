@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -672,8 +672,13 @@ async fn openapi_covers_every_route_and_validates() {
 
 // ------------------------------------------------------------------ SIGTERM
 
+/// The real binary as a child process, output captured in a log file.
 struct Server {
     child: Child,
+    dir: tempfile::TempDir,
+    base: String,
+    /// No connection reuse: a request either was accepted before shutdown or never was.
+    client: reqwest::Client,
 }
 
 impl Drop for Server {
@@ -691,48 +696,92 @@ fn free_port() -> u16 {
         .port()
 }
 
-#[tokio::test]
-async fn sigterm_during_a_burst_finishes_cleanly_and_exits_0() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("gallery.db");
-    let port = free_port();
-    let root = manifest_dir();
-    let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_mobiface"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--database")
-        .arg(&db)
-        .arg("--model")
-        .arg(root.join("models/mobiface.onnx"))
-        .env_remove("MOBIFACE_API_KEYS_FILE")
-        .env("MOBIFACE_SHUTDOWN_TIMEOUT_S", "60")
-        .current_dir(&root)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut server = Server { child };
-    let base = format!("http://127.0.0.1:{port}");
-    // No connection reuse: a request either was accepted before shutdown or never was.
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
-            if r.status() == 200 {
-                break;
+impl Server {
+    async fn start(args: &[&str], envs: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let root = manifest_dir();
+        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_mobiface"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--database")
+            .arg(dir.path().join("gallery.db"))
+            .arg("--model")
+            .arg(root.join("models/mobiface.onnx"))
+            .args(args)
+            .env_remove("MOBIFACE_API_KEYS_FILE")
+            .env_remove("MOBIFACE_LOG_FORMAT")
+            .envs(envs.iter().copied())
+            .current_dir(&root)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let mut server = Server {
+            child,
+            dir,
+            base: format!("http://127.0.0.1:{port}"),
+            client,
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(r) = server
+                .client
+                .get(format!("{}/readyz", server.base))
+                .send()
+                .await
+            {
+                if r.status() == 200 {
+                    break;
+                }
             }
+            assert!(
+                server.child.try_wait().unwrap().is_none(),
+                "server died at start:\n{}",
+                server.log()
+            );
+            assert!(Instant::now() < deadline, "server not ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(
-            server.child.try_wait().unwrap().is_none(),
-            "server died at start"
-        );
-        assert!(Instant::now() < deadline, "server not ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        server
     }
 
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    fn sigterm(&self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server still running after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn sigterm_during_a_burst_finishes_cleanly_and_exits_0() {
+    let mut server = Server::start(&[], &[("MOBIFACE_SHUTDOWN_TIMEOUT_S", "60")]).await;
+    let (base, client) = (server.base.clone(), server.client.clone());
     let images = crops_b64(4);
     let send = |client: reqwest::Client| {
         let (url, body) = (format!("{base}/embed"), json!({"images": images}));
@@ -746,12 +795,7 @@ async fn sigterm_during_a_burst_finishes_cleanly_and_exits_0() {
     let in_flight: Vec<_> = (0..12).map(|_| send(client.clone())).collect();
     // Let the server accept them all and start working before the signal.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let pid = server.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    server.sigterm();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let late: Vec<_> = (0..12).map(|_| send(client.clone())).collect();
 
@@ -780,27 +824,84 @@ async fn sigterm_during_a_burst_finishes_cleanly_and_exits_0() {
         }
     }
     assert!(completed >= 1, "no request completed ({refused} refused)");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let status = loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "server still running after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    let status = server.wait_exit().await;
     assert_eq!(
         status.code(),
         Some(0),
-        "exit status after SIGTERM; log:\n{log}"
+        "exit status after SIGTERM; log:\n{}",
+        server.log()
     );
     // The gallery was closed: SQLite folds and removes the WAL on the last clean close.
-    let wal = dir.path().join("gallery.db-wal");
+    let wal = server.dir.path().join("gallery.db-wal");
     assert!(
         !wal.exists() || std::fs::metadata(&wal).unwrap().len() == 0,
         "WAL left behind"
     );
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_request_id_into_inference_and_never_the_keys() {
+    let keys_dir = tempfile::tempdir().unwrap();
+    let keys = write_keys(keys_dir.path());
+    let mut server = Server::start(
+        &[
+            "--log-format",
+            "json",
+            "--api-keys-file",
+            keys.to_str().unwrap(),
+        ],
+        &[("RUST_LOG", "info,mobiface::engine=debug")],
+    )
+    .await;
+    let resp = server
+        .client
+        .post(format!("{}/embed", server.base))
+        .header("x-request-id", "ops-log-test-7")
+        .header("authorization", format!("Bearer {READ_KEY}"))
+        .json(&json!({"images": crops_b64(1)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let refused = server
+        .client
+        .post(format!("{}/subjects", server.base))
+        .header("x-api-key", READ_KEY)
+        .json(&json!({"name": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+    server.sigterm();
+    assert_eq!(server.wait_exit().await.code(), Some(0));
+
+    let log = server.log();
+    assert!(
+        !log.contains(READ_KEY) && !log.contains(ADMIN_KEY),
+        "a key was logged"
+    );
+    let lines: Vec<Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let in_request = |msg: &str| {
+        lines.iter().any(|l| {
+            l["message"] == msg
+                && l["span"]["request_id"] == "ops-log-test-7"
+                && l["span"]["route"] == "/embed"
+        })
+    };
+    assert!(in_request("request"), "no request line with its id:\n{log}");
+    assert!(
+        in_request("inference done"),
+        "inference events lack the request id:\n{log}"
+    );
+    let config = lines
+        .iter()
+        .find(|l| l["message"] == "effective configuration")
+        .expect("effective configuration logged");
+    let config: Value = serde_json::from_str(config["config"].as_str().unwrap()).unwrap();
+    assert_eq!(config["api_keys_file"], keys.to_str().unwrap());
+    assert_eq!(config["log_format"], "json");
 }
