@@ -16,12 +16,15 @@ struct Cli {
 enum Command {
     /// Serve the HTTP API.
     Serve(Box<Config>),
+    /// Measure verification accuracy on an LFW-style pairs file through the service's own engine.
+    Eval(Box<mobiface::eval::EvalArgs>),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(config) => serve(*config),
+        Command::Eval(args) => mobiface::eval::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
