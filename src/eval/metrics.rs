@@ -224,13 +224,14 @@ pub fn cross_validate(
     }
     let mut folds = Vec::with_capacity(k);
     for fold in 0..k {
-        let (test, train): (Vec<(Scored, usize)>, Vec<(Scored, usize)>) = pairs
-            .iter()
-            .copied()
-            .zip(fold_of.iter().copied())
-            .partition(|(_, f)| *f == fold);
-        let train: Vec<Scored> = train.into_iter().map(|(p, _)| p).collect();
-        let test: Vec<Scored> = test.into_iter().map(|(p, _)| p).collect();
+        let (mut test, mut train) = (Vec::new(), Vec::new());
+        for (p, &f) in pairs.iter().zip(fold_of) {
+            if f == fold {
+                test.push(*p);
+            } else {
+                train.push(*p);
+            }
+        }
         let chosen = best_threshold(&train)?;
         folds.push(FoldResult {
             fold: fold + 1,

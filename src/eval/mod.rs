@@ -453,8 +453,9 @@ pub fn human(r: &Report) -> String {
             pct(t.far),
             if t.below_resolution {
                 format!(
-                    "; fewer than 1/{:.0e} mismatched pairs, so this is the zero-false-accept point",
-                    t.target_far
+                    "; {} mismatched pairs are too few to measure FAR {:.0e}: \
+                     this is the no-false-accept point",
+                    r.mismatched, t.target_far
                 )
             } else {
                 String::new()

@@ -16,7 +16,7 @@ pub const WIDTH: u32 = 800;
 pub const HEIGHT: u32 = 600;
 const LEFT: i32 = 80;
 const RIGHT: i32 = 30;
-const TOP: i32 = 60;
+const TOP: i32 = 80;
 const BOTTOM: i32 = 70;
 /// Pixel-font scale: each font pixel is a SCALE x SCALE square.
 const SCALE: i32 = 2;
@@ -129,7 +129,7 @@ fn render<'a>(plot: &RocPlot, root: &Area<'a>) -> DrawResult<'a> {
         y0 + 36,
         AXIS,
     )?;
-    text(root, "TRUE ACCEPT RATE", x0 - 60, y1 - 22, AXIS)?;
+    text(root, "TRUE ACCEPT RATE", x0 - 60, y1 - 24, AXIS)?;
 
     // Chance line TAR = FAR, sampled because it is curved on a log axis.
     let chance: Vec<(i32, i32)> = (0..=100)
@@ -149,18 +149,56 @@ fn render<'a>(plot: &RocPlot, root: &Area<'a>) -> DrawResult<'a> {
         .collect();
     root.draw(&PathElement::new(pts, CURVE.stroke_width(2)))?;
 
+    // Operating points: circled on the curve, listed in the lower right,
+    // which the curve of any better-than-chance model leaves empty.
+    let mut legend = Vec::new();
     for op in plot.operating_points {
         let (x, y) = (axes.x(op.far), axes.y(op.tar));
         root.draw(&Circle::new((x, y), 5, MARK.stroke_width(2)))?;
-        let label = format!("TAR {:.1}% AT FAR {:.0E}", op.tar * 100.0, op.target_far);
-        text(root, &label, x + 10, y + 8, MARK)?;
+        legend.push((
+            format!(
+                "TAR {:.1}% AT FAR {:.0E} (THRESHOLD {:.3})",
+                op.tar * 100.0,
+                op.target_far,
+                op.threshold
+            ),
+            MARK,
+        ));
+    }
+    if let Some(e) = plot.eer {
+        legend.push((
+            format!("EER {:.2}% (THRESHOLD {:.3})", e.eer * 100.0, e.threshold),
+            AXIS,
+        ));
+    }
+    if !legend.is_empty() {
+        let w = legend.iter().map(|(t, _)| text_width(t)).max().unwrap_or(0) + 20;
+        let h = legend.len() as i32 * 20 + 12;
+        // Lower right, unless the curve runs through it (a weak model): then
+        // whichever of it and the upper left covers fewer curve points.
+        let corners = [(x1 - 10 - w, y0 - 10 - h), (x0 + 10, y1 + 10)];
+        let covered = |(cx, cy): (i32, i32)| {
+            plot.roc
+                .iter()
+                .map(|p| (axes.x(p.far), axes.y(p.tar)))
+                .filter(|&(x, y)| x >= cx && x <= cx + w && y >= cy && y <= cy + h)
+                .count()
+        };
+        let (lx, ly) = *corners
+            .iter()
+            .min_by_key(|&&c| covered(c))
+            .unwrap_or(&corners[0]);
+        root.draw(&Rectangle::new(
+            [(lx, ly), (lx + w, ly + h)],
+            WHITE.filled(),
+        ))?;
+        root.draw(&Rectangle::new([(lx, ly), (lx + w, ly + h)], GRID))?;
+        for (i, (line, color)) in legend.iter().enumerate() {
+            text(root, line, lx + 10, ly + 10 + i as i32 * 20, *color)?;
+        }
     }
 
-    let mut title = format!("ROC  AUC {:.4}", plot.auc);
-    if let Some(e) = plot.eer {
-        title.push_str(&format!("  EER {:.2}%", e.eer * 100.0));
-    }
-    text(root, &title, LEFT, 10, AXIS)?;
+    text(root, &format!("ROC  AUC {:.4}", plot.auc), LEFT, 10, AXIS)?;
     text(root, &plot.subtitle.to_uppercase(), LEFT, 30, AXIS)?;
     Ok(())
 }
