@@ -173,6 +173,8 @@ async fn embed_all(
                 .collect()
         })
         .collect();
+    let total = refs.len();
+    let mut done = 0usize;
     let results: Vec<Vec<Vec<f32>>> = futures::stream::iter(chunks)
         .map(|items| {
             let faces: anyhow::Result<Vec<image::RgbImage>> = items
@@ -195,6 +197,14 @@ async fn embed_all(
             }
         })
         .buffered(in_flight)
+        .inspect_ok(|out| {
+            // A full run takes minutes on a small CPU: say how far it is, about every 10%.
+            let before = done;
+            done += out.len();
+            if done * 10 / total.max(1) > before * 10 / total.max(1) {
+                eprintln!("mobiface eval: embedded {done}/{total} images");
+            }
+        })
         .try_collect()
         .await?;
     Ok(results.into_iter().flatten().collect())
