@@ -2,9 +2,12 @@
 
 pub mod embed;
 pub mod health;
+pub mod identify;
 pub mod input;
 pub mod openapi;
 pub mod ops;
+pub mod subjects;
+pub mod verify;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -41,6 +44,21 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/embed", post(embed::embed))
         // -- gallery routes (gallery helper) --
+        .route(
+            "/subjects",
+            post(subjects::create_subject).get(subjects::list_subjects),
+        )
+        .route(
+            "/subjects/{id}",
+            get(subjects::get_subject).delete(subjects::delete_subject),
+        )
+        .route("/subjects/{id}/faces", post(subjects::add_face))
+        .route(
+            "/subjects/{id}/faces/{face_id}",
+            axum::routing::delete(subjects::delete_face),
+        )
+        .route("/verify", post(verify::verify))
+        .route("/identify", post(identify::identify))
         // -- end gallery routes --
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))

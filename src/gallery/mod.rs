@@ -295,6 +295,12 @@ impl Gallery {
         }
     }
 
+    /// Whether the subject exists; lets handlers refuse an unknown subject
+    /// before spending a model run on its image (the write re-checks in SQL).
+    pub fn has_subject(&self, id: &Uuid) -> bool {
+        self.inner.read().has_subject(id)
+    }
+
     /// Runs blocking work (SQLite, a large scan) off the async workers.
     async fn blocking<T: Send + 'static>(
         &self,

@@ -1,0 +1,84 @@
+//! POST /identify: 1:N, who among the enrolled subjects is this face?
+
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::input::{ImageInput, JsonOrMultipart, MultipartFields};
+use super::AppState;
+use crate::error::{ApiError, ErrorBody};
+use crate::gallery::{self, Match};
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IdentifyRequest {
+    pub image: ImageInput,
+    /// Most subjects to return, 1 to 100 (default 5).
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+    /// Least similarity a match needs, in [-1, 1]; default: the service's threshold.
+    pub threshold: Option<f32>,
+}
+
+fn default_top_k() -> usize {
+    5
+}
+
+impl MultipartFields for IdentifyRequest {}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IdentifyResponse {
+    /// Best first; empty means "unknown".
+    pub matches: Vec<Match>,
+    pub threshold: f32,
+    /// Subjects that have at least one face of the running model: what was searched.
+    pub gallery_size: usize,
+}
+
+#[utoipa::path(
+    post,
+    path = "/identify",
+    request_body(content = IdentifyRequest, description = "JSON, or multipart with an `image` file part and `top_k` / `threshold` fields"),
+    responses(
+        (status = 200, body = IdentifyResponse),
+        (status = 400, description = "Undecodable image or bad landmarks", body = ErrorBody),
+        (status = 413, description = "Body or image too large", body = ErrorBody),
+        (status = 422, description = "top_k outside 1..=100, threshold outside [-1, 1], wrong JSON shape", body = ErrorBody),
+        (status = 503, description = "Inference queue full (see Retry-After)", body = ErrorBody),
+    ),
+    tag = "matching"
+)]
+pub async fn identify(
+    State(state): State<AppState>,
+    JsonOrMultipart(req): JsonOrMultipart<IdentifyRequest>,
+) -> Result<Json<IdentifyResponse>, ApiError> {
+    let start = Instant::now();
+    let threshold = req.threshold.unwrap_or(state.threshold);
+    // Checked before the model runs: a bad knob should not cost an inference.
+    gallery::check_search_params(req.top_k, threshold)?;
+    let probe = state.embed_one(&req.image).await?;
+    // Searched without the threshold so the best score is observed even when
+    // it is below it: the similarity histogram then shows drift in unknown
+    // faces too. Filtering afterwards gives the same answer (exact search).
+    let found = state.gallery.identify(probe, req.top_k, -1.0).await?;
+    if let Some(best) = found.matches.first() {
+        state.metrics.similarity.observe(f64::from(best.similarity));
+    }
+    let matches = found
+        .matches
+        .into_iter()
+        .filter(|m| m.similarity >= threshold)
+        .collect();
+    state
+        .metrics
+        .identify_duration
+        .observe(start.elapsed().as_secs_f64());
+    Ok(Json(IdentifyResponse {
+        matches,
+        threshold,
+        gallery_size: found.gallery_size,
+    }))
+}
