@@ -255,12 +255,10 @@ mod tests {
     struct FakeBackend {
         dim: usize,
         sizes: Arc<Mutex<Vec<usize>>>,
-        delay: Duration,
     }
 
     impl Backend for FakeBackend {
         fn run(&mut self, input: &[f32], n: usize) -> anyhow::Result<Vec<f32>> {
-            std::thread::sleep(self.delay);
             self.sizes.lock().unwrap().push(n);
             Ok((0..n)
                 .flat_map(|i| std::iter::repeat_n(input[i * IMAGE_LEN], self.dim))
@@ -280,80 +278,79 @@ mod tests {
         (job, rx)
     }
 
-    fn start(
+    /// A queue with a fake worker that starts only when asked, so tests can
+    /// fill the queue first.
+    struct Harness {
+        queue: Arc<Queue>,
+        sizes: Arc<Mutex<Vec<usize>>>,
+        stats: Arc<BatchStats>,
+        metrics: Arc<Metrics>,
         cfg: BatchConfig,
-        capacity: usize,
-        delay: Duration,
-    ) -> (
-        Arc<Queue>,
-        Arc<Mutex<Vec<usize>>>,
-        Arc<BatchStats>,
-        std::thread::JoinHandle<()>,
-    ) {
-        let metrics = Arc::new(Metrics::new());
-        let queue = Arc::new(Queue::new(capacity, metrics.clone()));
-        let sizes = Arc::new(Mutex::new(Vec::new()));
-        let stats = Arc::new(BatchStats::default());
-        let backend = FakeBackend {
-            dim: 2,
-            sizes: sizes.clone(),
-            delay,
-        };
-        let (q, s) = (queue.clone(), stats.clone());
-        let handle = std::thread::spawn(move || worker_loop(backend, q, cfg, 2, metrics, s));
-        (queue, sizes, stats, handle)
+    }
+
+    impl Harness {
+        fn new(max_batch: usize, max_delay: Duration, capacity: usize) -> Self {
+            let metrics = Arc::new(Metrics::new());
+            Self {
+                queue: Arc::new(Queue::new(capacity, metrics.clone())),
+                sizes: Arc::new(Mutex::new(Vec::new())),
+                stats: Arc::new(BatchStats::default()),
+                metrics,
+                cfg: BatchConfig {
+                    max_batch,
+                    max_delay,
+                },
+            }
+        }
+
+        fn run(&self) -> std::thread::JoinHandle<()> {
+            let backend = FakeBackend {
+                dim: 2,
+                sizes: self.sizes.clone(),
+            };
+            let (q, m, s, cfg) = (
+                self.queue.clone(),
+                self.metrics.clone(),
+                self.stats.clone(),
+                self.cfg,
+            );
+            std::thread::spawn(move || worker_loop(backend, q, cfg, 2, m, s))
+        }
+
+        fn finish(&self, handle: std::thread::JoinHandle<()>) -> Vec<usize> {
+            self.queue.close();
+            handle.join().unwrap();
+            self.sizes.lock().unwrap().clone()
+        }
     }
 
     #[test]
     fn waiting_jobs_are_merged_up_to_max_batch_and_answered_in_order() {
-        let cfg = BatchConfig {
-            max_batch: 4,
-            max_delay: Duration::ZERO,
-        };
-        let metrics = Arc::new(Metrics::new());
-        let queue = Arc::new(Queue::new(16, metrics.clone()));
+        let h = Harness::new(4, Duration::ZERO, 16);
         let mut rxs = Vec::new();
-        // Enqueue before any worker runs so they are all waiting together.
+        // Enqueue before the worker runs so they are all waiting together.
         for v in 0..5 {
             let (j, rx) = job(v as f32, 2);
-            queue.push(j).unwrap();
+            h.queue.push(j).unwrap();
             rxs.push(rx);
         }
-        let sizes = Arc::new(Mutex::new(Vec::new()));
-        let stats = Arc::new(BatchStats::default());
-        let backend = FakeBackend {
-            dim: 2,
-            sizes: sizes.clone(),
-            delay: Duration::ZERO,
-        };
-        let (q, s) = (queue.clone(), stats.clone());
-        let handle = std::thread::spawn(move || worker_loop(backend, q, cfg, 2, metrics, s));
+        let handle = h.run();
         for (v, rx) in rxs.into_iter().enumerate() {
             let out = rx.blocking_recv().unwrap().unwrap();
             assert_eq!(out, vec![v as f32; 4], "job {v} got another job's features");
         }
-        queue.close();
-        handle.join().unwrap();
-        assert_eq!(*sizes.lock().unwrap(), vec![4, 4, 2]);
-        assert_eq!(stats.merged_runs.load(Ordering::Relaxed), 2);
+        assert_eq!(h.finish(handle), vec![4, 4, 2]);
+        assert_eq!(h.stats.merged_runs.load(Ordering::Relaxed), 2);
     }
 
     #[test]
     fn a_job_larger_than_max_batch_runs_in_chunks() {
-        let (queue, sizes, _stats, handle) = start(
-            BatchConfig {
-                max_batch: 4,
-                max_delay: Duration::ZERO,
-            },
-            4,
-            Duration::ZERO,
-        );
+        let h = Harness::new(4, Duration::ZERO, 4);
+        let handle = h.run();
         let (j, rx) = job(7.0, 10);
-        queue.push(j).unwrap();
+        h.queue.push(j).unwrap();
         assert_eq!(rx.blocking_recv().unwrap().unwrap().len(), 20);
-        queue.close();
-        handle.join().unwrap();
-        assert_eq!(*sizes.lock().unwrap(), vec![4, 4, 2]);
+        assert_eq!(h.finish(handle), vec![4, 4, 2]);
     }
 
     #[test]
@@ -371,94 +368,52 @@ mod tests {
 
     #[test]
     fn jobs_whose_caller_left_are_skipped() {
-        let cfg = BatchConfig {
-            max_batch: 8,
-            max_delay: Duration::ZERO,
-        };
-        let metrics = Arc::new(Metrics::new());
-        let queue = Arc::new(Queue::new(8, metrics.clone()));
+        let h = Harness::new(8, Duration::ZERO, 8);
         let (gone, rx_gone) = job(1.0, 1);
         let (kept, rx_kept) = job(2.0, 1);
-        queue.push(gone).unwrap();
-        queue.push(kept).unwrap();
+        h.queue.push(gone).unwrap();
+        h.queue.push(kept).unwrap();
         drop(rx_gone);
-        let sizes = Arc::new(Mutex::new(Vec::new()));
-        let stats = Arc::new(BatchStats::default());
-        let backend = FakeBackend {
-            dim: 2,
-            sizes: sizes.clone(),
-            delay: Duration::ZERO,
-        };
-        let (q, s) = (queue.clone(), stats.clone());
-        let handle = std::thread::spawn(move || worker_loop(backend, q, cfg, 2, metrics, s));
+        let handle = h.run();
         assert_eq!(rx_kept.blocking_recv().unwrap().unwrap(), vec![2.0, 2.0]);
-        queue.close();
-        handle.join().unwrap();
         assert_eq!(
-            *sizes.lock().unwrap(),
+            h.finish(handle),
             vec![1],
             "the abandoned job must not reach the model"
         );
-        assert_eq!(stats.abandoned.load(Ordering::Relaxed), 1);
+        assert_eq!(h.stats.abandoned.load(Ordering::Relaxed), 1);
     }
 
     #[test]
     fn delay_lets_a_worker_wait_for_a_fuller_batch() {
-        let (queue, sizes, _stats, handle) = start(
-            BatchConfig {
-                max_batch: 4,
-                max_delay: Duration::from_millis(300),
-            },
-            8,
-            Duration::ZERO,
-        );
+        let h = Harness::new(4, Duration::from_millis(300), 8);
+        let handle = h.run();
         let (a, ra) = job(1.0, 1);
-        queue.push(a).unwrap();
+        h.queue.push(a).unwrap();
         std::thread::sleep(Duration::from_millis(30));
         let (b, rb) = job(2.0, 1);
-        queue.push(b).unwrap();
+        h.queue.push(b).unwrap();
         ra.blocking_recv().unwrap().unwrap();
         rb.blocking_recv().unwrap().unwrap();
-        queue.close();
-        handle.join().unwrap();
-        assert_eq!(
-            *sizes.lock().unwrap(),
-            vec![2],
-            "both jobs should share one run"
-        );
+        assert_eq!(h.finish(handle), vec![2], "both jobs should share one run");
     }
 
     #[test]
     fn without_delay_a_lone_job_runs_alone() {
-        let (queue, sizes, _stats, handle) = start(
-            BatchConfig {
-                max_batch: 4,
-                max_delay: Duration::ZERO,
-            },
-            8,
-            Duration::ZERO,
-        );
+        let h = Harness::new(4, Duration::ZERO, 8);
+        let handle = h.run();
         let (a, ra) = job(1.0, 1);
-        queue.push(a).unwrap();
+        h.queue.push(a).unwrap();
         ra.blocking_recv().unwrap().unwrap();
-        queue.close();
-        handle.join().unwrap();
-        assert_eq!(*sizes.lock().unwrap(), vec![1]);
+        assert_eq!(h.finish(handle), vec![1]);
     }
 
     #[test]
     fn closed_queue_refuses_and_stops_workers() {
-        let (queue, _sizes, _stats, handle) = start(
-            BatchConfig {
-                max_batch: 4,
-                max_delay: Duration::ZERO,
-            },
-            8,
-            Duration::ZERO,
-        );
-        queue.close();
-        handle.join().unwrap();
+        let h = Harness::new(4, Duration::ZERO, 8);
+        let handle = h.run();
+        assert!(h.finish(handle).is_empty());
         let (a, _ra) = job(1.0, 1);
-        assert_eq!(queue.push(a).unwrap_err().kind, ErrorKind::Unavailable);
+        assert_eq!(h.queue.push(a).unwrap_err().kind, ErrorKind::Unavailable);
     }
 }

@@ -43,6 +43,7 @@ pub fn test_config(db_path: &Path) -> Config {
         .config
 }
 
+#[allow(dead_code)] // each test file uses a different subset
 pub struct TestApp {
     pub address: String,
     pub port: u16,
