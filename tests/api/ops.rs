@@ -559,8 +559,12 @@ fn routes_in_source() -> BTreeSet<(String, String)> {
         let path = file.unwrap().path();
         let src = std::fs::read_to_string(&path).unwrap();
         let mut rest = src.as_str();
-        while let Some(i) = rest.find(".route(\"") {
-            rest = &rest[i + 8..];
+        while let Some(i) = rest.find(".route(") {
+            rest = rest[i + 7..].trim_start();
+            let Some(quoted) = rest.strip_prefix('"') else {
+                continue;
+            };
+            rest = quoted;
             let end = rest.find('"').unwrap();
             let route = rest[..end].to_string();
             // Methods up to the closing parenthesis of `.route(`.
