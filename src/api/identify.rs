@@ -18,12 +18,12 @@ pub struct IdentifyRequest {
     pub image: ImageInput,
     /// Most subjects to return, 1 to 100 (default 5).
     #[serde(default = "default_top_k")]
-    pub top_k: usize,
+    pub top_k: i64,
     /// Least similarity a match needs, in [-1, 1]; default: the service's threshold.
     pub threshold: Option<f32>,
 }
 
-fn default_top_k() -> usize {
+fn default_top_k() -> i64 {
     5
 }
 
@@ -57,13 +57,22 @@ pub async fn identify(
 ) -> Result<Json<IdentifyResponse>, ApiError> {
     let start = Instant::now();
     let threshold = req.threshold.unwrap_or(state.threshold);
+    // Signed on the wire so a negative top_k gets this message, not a serde one.
+    let top_k = usize::try_from(req.top_k).unwrap_or(0);
     // Checked before the model runs: a bad knob should not cost an inference.
-    gallery::check_search_params(req.top_k, threshold)?;
+    gallery::check_search_params(top_k, threshold).map_err(|e| match top_k {
+        0 => ApiError::invalid(format!(
+            "top_k must be between 1 and {}, got {}",
+            gallery::MAX_TOP_K,
+            req.top_k
+        )),
+        _ => e.into(),
+    })?;
     let probe = state.embed_one(&req.image).await?;
     // Searched without the threshold so the best score is observed even when
     // it is below it: the similarity histogram then shows drift in unknown
     // faces too. Filtering afterwards gives the same answer (exact search).
-    let found = state.gallery.identify(probe, req.top_k, -1.0).await?;
+    let found = state.gallery.identify(probe, top_k, -1.0).await?;
     if let Some(best) = found.matches.first() {
         state.metrics.similarity.observe(f64::from(best.similarity));
     }
