@@ -588,6 +588,9 @@ async fn acknowledged_writes_survive_sigkill() {
     server.kill9();
 }
 
+/// (what, method, path, body, status, error code, words the message must contain)
+type Case<'a> = (&'a str, &'a str, String, Option<Value>, u16, &'a str, &'a str);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_gallery_input_gets_clear_4xx() {
     let app = spawn_app().await;
@@ -598,7 +601,7 @@ async fn bad_gallery_input_gets_clear_4xx() {
     let huge = "x".repeat(20_000);
 
     // (what, method, path, body, status, error code, words the message must contain)
-    let cases: Vec<(&str, &str, String, Option<Value>, u16, &str, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "unknown subject",
             "GET",
