@@ -589,7 +589,15 @@ async fn acknowledged_writes_survive_sigkill() {
 }
 
 /// (what, method, path, body, status, error code, words the message must contain)
-type Case<'a> = (&'a str, &'a str, String, Option<Value>, u16, &'a str, &'a str);
+type Case<'a> = (
+    &'a str,
+    &'a str,
+    String,
+    Option<Value>,
+    u16,
+    &'a str,
+    &'a str,
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_gallery_input_gets_clear_4xx() {
