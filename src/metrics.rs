@@ -12,6 +12,8 @@ pub struct Metrics {
     pub registry: Registry,
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
+    /// Requests inside the router (counted by `track_http`), scrapes included.
+    pub http_in_flight: IntGauge,
     pub queue_depth: IntGauge,
     /// Configured `--queue-capacity`, so saturation is `queue_depth / queue_capacity` in PromQL.
     pub queue_capacity: IntGauge,
@@ -121,6 +123,10 @@ impl Metrics {
                 "mobiface_queue_depth",
                 "Requests waiting for an inference worker.",
             ),
+            http_in_flight: gauge(
+                "mobiface_http_requests_in_flight",
+                "Requests being handled now (this scrape included).",
+            ),
             queue_capacity: gauge(
                 "mobiface_queue_capacity",
                 "Requests the inference queue holds before answering 503 (--queue-capacity).",
@@ -225,6 +231,8 @@ pub async fn track_http(
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = method_label(req.method());
     let start = std::time::Instant::now();
+    // Decremented on drop, so a request cancelled mid-way (client gone) is not counted forever.
+    let _in_flight = InFlight::enter(&metrics.http_in_flight);
     let resp = next.run(req).await;
     let status = resp.status();
     let labels = [route.as_str(), method, status.as_str()];
@@ -243,6 +251,21 @@ pub async fn track_http(
         metrics.rejected.with_label_values(&[reason]).inc();
     }
     resp
+}
+
+struct InFlight<'a>(&'a IntGauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a IntGauge) -> Self {
+        gauge.inc();
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Methods outside the standard set share one label value, so a client sending
@@ -335,6 +358,11 @@ mod tests {
         );
         assert_eq!(metrics.rejected.with_label_values(&["queue_full"]).get(), 1);
         assert_eq!(metrics.rejected.with_label_values(&["bad_image"]).get(), 1);
+        assert_eq!(
+            metrics.http_in_flight.get(),
+            0,
+            "every request left the in-flight gauge"
+        );
 
         let text = metrics.render();
         assert!(!text.contains("0b6f6c1e"), "raw path leaked into labels");

@@ -94,6 +94,11 @@ async fn metrics_move_with_traffic() {
     let batches_before = metric(&before, "mobiface_batch_size_count", &[]).unwrap();
     let faces_before = metric(&before, "mobiface_faces_embedded_total", &[]).unwrap();
     assert_eq!(metric(&before, "mobiface_queue_capacity", &[]), Some(256.0));
+    // Only the scrape itself is in flight.
+    assert_eq!(
+        metric(&before, "mobiface_http_requests_in_flight", &[]),
+        Some(1.0)
+    );
 
     let images = crops_b64(12);
     let bodies = images
@@ -116,18 +121,13 @@ async fn metrics_move_with_traffic() {
     assert!(batches <= 12.0, "more model runs ({batches}) than requests");
     assert_eq!(faces, 12.0, "faces embedded");
     // Each face runs with its mirror: the batch sizes sum to twice the faces.
-    assert_eq!(
-        metric(&after, "mobiface_batch_size_sum", &[]).unwrap(),
-        24.0
-    );
-    assert_eq!(
-        metric(&after, "mobiface_inference_duration_seconds_count", &[]).unwrap() - batches_before,
-        batches
-    );
-    assert_eq!(
-        metric(&after, "mobiface_queue_wait_seconds_count", &[]),
-        Some(12.0)
-    );
+    let sum = |t: &str| metric(t, "mobiface_batch_size_sum", &[]).unwrap();
+    assert_eq!(sum(&after) - sum(&before), 24.0);
+    // One inference timing per model run.
+    let runs = |t: &str| metric(t, "mobiface_inference_duration_seconds_count", &[]).unwrap();
+    assert_eq!(runs(&after) - runs(&before), batches);
+    let waits = |t: &str| metric(t, "mobiface_queue_wait_seconds_count", &[]).unwrap();
+    assert_eq!(waits(&after) - waits(&before), 12.0);
     assert_eq!(
         metric(&after, "mobiface_queue_depth", &[]),
         Some(0.0),
@@ -786,7 +786,7 @@ impl Server {
 async fn sigterm_during_a_burst_finishes_cleanly_and_exits_0() {
     let mut server = Server::start(&[], &[("MOBIFACE_SHUTDOWN_TIMEOUT_S", "60")]).await;
     let (base, client) = (server.base.clone(), server.client.clone());
-    let images = crops_b64(4);
+    let images = crops_b64(8);
     let send = |client: reqwest::Client| {
         let (url, body) = (format!("{base}/embed"), json!({"images": images}));
         tokio::spawn(async move {
@@ -797,9 +797,40 @@ async fn sigterm_during_a_burst_finishes_cleanly_and_exits_0() {
         })
     };
     let in_flight: Vec<_> = (0..12).map(|_| send(client.clone())).collect();
-    // Let the server accept them all and start working before the signal.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Signal only once all 12 are inside the server (being handled, or answered),
+    // so "in flight" is a fact, not a guess about scheduling.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let in_flight = metric(&text, "mobiface_http_requests_in_flight", &[]).unwrap() - 1.0;
+        let answered = metric(
+            &text,
+            "mobiface_http_requests_total",
+            &[("route", "/embed")],
+        )
+        .unwrap_or(0.0);
+        if in_flight + answered >= 12.0 {
+            assert!(
+                answered < 12.0,
+                "the burst finished before the signal; make it heavier"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the burst never reached the server"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     server.sigterm();
+    // Requests sent from here on find the listener closed (or a 503).
     tokio::time::sleep(Duration::from_millis(300)).await;
     let late: Vec<_> = (0..12).map(|_| send(client.clone())).collect();
 
@@ -807,7 +838,7 @@ async fn sigterm_during_a_burst_finishes_cleanly_and_exits_0() {
     for task in in_flight {
         match task.await.unwrap() {
             Ok((200, body)) => {
-                assert_eq!(body["embeddings"].as_array().unwrap().len(), 4, "{body}");
+                assert_eq!(body["embeddings"].as_array().unwrap().len(), 8, "{body}");
                 completed += 1;
             }
             // Refused cleanly: a JSON error saying the service is going away.
