@@ -288,7 +288,8 @@ def drive_traffic(svc: Services, seconds: float) -> dict[str, int]:
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         end = time.monotonic() + seconds
         i = 0
-        while time.monotonic() < end:
+        # At least 3 rounds, so every series changes between scrapes even on a slow machine.
+        while time.monotonic() < end or i < 3:
             name, imgs = people[i % len(people)]
             sid = subjects[i % len(subjects)]
             # Concurrent embeds so the batcher forms batches of more than one face.
