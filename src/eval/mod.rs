@@ -487,3 +487,28 @@ pub fn human(r: &Report) -> String {
     let _ = writeln!(s, "embedding  {:.1} s", r.embed_seconds);
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_image_is_embedded_once_and_pairs_point_at_it() {
+        let file = pairs::parse("1\t2\nA\t1\t2\nB\t1\t2\nA\t2\tB\t1\nC\t1\tA\t1\n").unwrap();
+        let im = distinct_images(&file);
+        let names: Vec<String> = im
+            .refs
+            .iter()
+            .map(|(r, line)| format!("{}{}@{line}", r.name, r.number))
+            .collect();
+        assert_eq!(names, ["A1@2", "A2@2", "B1@3", "B2@3", "C1@5"]);
+        assert_eq!(im.pair_index, [(0, 1), (2, 3), (1, 2), (4, 0)]);
+    }
+
+    #[test]
+    fn cosine_ignores_length_and_handles_zero() {
+        assert!((cosine(&[1.0, 0.0], &[3.0, 3.0]) - 0.5f64.sqrt()).abs() < 1e-12);
+        assert!((cosine(&[1.0, 2.0], &[-2.0, -4.0]) + 1.0).abs() < 1e-12);
+        assert_eq!(cosine(&[0.0, 0.0], &[1.0, 0.0]), 0.0);
+    }
+}
