@@ -53,3 +53,21 @@ lint:
 
 fmt:
 	cargo fmt
+
+## --- models (models helper) ---
+## Training environment: PyTorch, the dlib teacher, ONNX export.
+venv-train: $(VENV_TRAIN)/.done
+$(VENV_TRAIN)/.done: models/requirements-train.txt
+	$(PYTHON) -m venv $(VENV_TRAIN)
+	$(VENV_TRAIN)/bin/pip install --quiet -r models/requirements-train.txt
+	$(VENV_TRAIN)/bin/pip install --quiet --no-deps face_recognition==1.3.0
+	touch $@
+
+## Retrain MobiFace (teacher embeddings, then Flipped-MobiFace distillation; CUDA when present).
+## TRAIN_MINUTES is the wall-clock budget; `make train TRAIN_ARGS=--resume` continues a run.
+TRAIN_MINUTES ?= 120
+train: venv-train venv
+	$(VENV_TRAIN)/bin/python models/teacher.py --sets lfw
+	$(VENV_TRAIN)/bin/python models/train.py --budget-minutes $(TRAIN_MINUTES) $(TRAIN_ARGS)
+	$(VENV_TRAIN)/bin/python models/export.py --checkpoint models/checkpoints/best.pt --output models/mobiface.onnx
+	$(VENV)/bin/python models/calibrate.py --model models/mobiface.onnx --write

