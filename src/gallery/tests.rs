@@ -121,6 +121,10 @@ fn migrations_are_idempotent_and_pragmas_set() {
     let sync: i64 = conn
         .query_row("PRAGMA synchronous", [], |r| r.get(0))
         .expect("sync");
+    let page: i64 = conn
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .expect("page size");
+    assert_eq!(page, 16384, "large pages for ~2 KB face rows");
     let fk: i64 = conn
         .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
         .expect("fk");
