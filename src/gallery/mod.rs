@@ -182,6 +182,16 @@ impl Inner {
             .set(self.faces_other_model.load(Ordering::Relaxed) as i64);
     }
 
+    /// Saturating, so rows another process added behind our back can never
+    /// wrap the count around when they are deleted through us.
+    fn sub_other_model(&self, n: u64) {
+        let _ = self
+            .faces_other_model
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n))
+            });
+    }
+
     /// Runs `f` with the connection (the one writer), failing if closed.
     fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         let guard = lock(&self.conn);
@@ -404,7 +414,7 @@ impl Gallery {
                     .ok_or_else(|| subject_not_found(&id))?;
                 let mut idx = inner.write();
                 idx.remove_subject(&id);
-                inner.faces_other_model.fetch_sub(other, Ordering::Relaxed);
+                inner.sub_other_model(other);
                 inner.update_gauges(&idx);
                 Ok(())
             })
@@ -440,7 +450,7 @@ impl Gallery {
                 if model == inner.model {
                     idx.remove_face(&face_id);
                 } else {
-                    inner.faces_other_model.fetch_sub(1, Ordering::Relaxed);
+                    inner.sub_other_model(1);
                 }
                 inner.update_gauges(&idx);
                 Ok(())
