@@ -158,7 +158,7 @@ fn accuracy(scores: &[(f64, bool)], t: f64) -> f64 {
 
 /// The protocol in its plainest form: every midpoint between two distinct
 /// training scores, plus one threshold below and one above them all; the most
-/// accurate on the training folds (the higher threshold on ties, as documented
+/// accurate on the training folds (the lowest threshold on ties, as documented
 /// in mobiface::eval::metrics), then measured on the held-out fold.
 fn brute_kfold(scores: &[(f64, bool, usize)], folds: usize) -> (Vec<f64>, Vec<f64>) {
     let mut accs = Vec::new();
@@ -181,10 +181,10 @@ fn brute_kfold(scores: &[(f64, bool, usize)], folds: usize) -> (Vec<f64>, Vec<f6
         for w in distinct.windows(2) {
             cands.push(w[0] / 2.0 + w[1] / 2.0);
         }
-        let mut best = (f64::NAN, -1.0);
+        let mut best = (f64::INFINITY, -1.0);
         for &t in &cands {
             let a = accuracy(&train, t);
-            if a > best.1 || (a == best.1 && t > best.0) {
+            if a > best.1 || (a == best.1 && t < best.0) {
                 best = (t, a);
             }
         }

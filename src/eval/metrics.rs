@@ -6,8 +6,8 @@
 //! scores (accept everything) and one above (reject everything), so every
 //! distinct decision rule on the data is represented exactly once and no
 //! candidate sits on a score. Where several thresholds tie on accuracy, the
-//! highest is taken: among equally accurate rules, the one with fewer false
-//! accepts is the safer default for a verification service.
+//! lowest is taken, as `argmax` does in the common LFW evaluation scripts and
+//! in models/pairs.py, so the figures here and there agree.
 
 use serde::Serialize;
 
@@ -151,7 +151,7 @@ pub struct ThresholdChoice {
     pub accuracy: f64,
 }
 
-/// The accuracy-maximising candidate threshold (highest among ties), by one
+/// The accuracy-maximising candidate threshold (lowest among ties), by one
 /// sweep over the sorted scores.
 pub fn best_threshold(pairs: &[Scored]) -> Result<ThresholdChoice, MetricsError> {
     validate(pairs)?;
@@ -163,7 +163,7 @@ pub fn best_threshold(pairs: &[Scored]) -> Result<ThresholdChoice, MetricsError>
     for i in 0..g.scores.len() {
         // Moving past distinct score i rejects its pairs.
         correct += g.neg[i] as i64 - g.pos[i] as i64;
-        if correct >= best.0 {
+        if correct > best.0 {
             best = (correct, i + 1);
         }
     }
@@ -395,7 +395,7 @@ mod tests {
     fn best_threshold_hand_case() {
         // Sorted: 0.1 N, 0.2 N, 0.4 P, 0.6 N, 0.8 P. Correct counts per
         // candidate: -0.9:2, 0.15:3, 0.3:4, 0.5:3, 0.7:4, 1.8:3.
-        // 0.3 and 0.7 tie at 4/5: the higher one wins.
+        // 0.3 and 0.7 tie at 4/5: the lower one wins.
         let p = [
             s(0.8, true),
             s(0.1, false),
@@ -404,7 +404,7 @@ mod tests {
             s(0.2, false),
         ];
         let b = best_threshold(&p).unwrap();
-        assert!(close(b.threshold, 0.7), "{b:?}");
+        assert!(close(b.threshold, 0.3), "{b:?}");
         assert!(close(b.accuracy, 0.8));
         assert!(close(accuracy_at(&p, 0.3), 0.8));
         assert!(close(accuracy_at(&p, 0.5), 0.6));
@@ -453,9 +453,9 @@ mod tests {
         let folds = [0, 0, 0, 0, 1, 1, 1, 1];
         let cv = cross_validate(&p, &folds, 2).unwrap();
         // Train on fold 2 (sorted 0.2N 0.3P 0.6N 0.8P): correct per candidate
-        // -0.8:2, 0.25:3, 0.45:2, 0.7:3, 1.8:2 -> 0.7 (highest of the ties),
-        // train accuracy 3/4. On fold 1 at 0.7: 0.9P ok, 0.5P wrong, two N ok.
-        assert!(close(cv.folds[0].threshold, 0.7));
+        // -0.8:2, 0.25:3, 0.45:2, 0.7:3, 1.8:2 -> 0.25 (lowest of the ties),
+        // train accuracy 3/4. On fold 1 at 0.25: 0.9P, 0.5P, 0.1N right, 0.4N wrong.
+        assert!(close(cv.folds[0].threshold, 0.25));
         assert!(close(cv.folds[0].train_accuracy, 0.75));
         assert!(close(cv.folds[0].accuracy, 0.75));
         // Train on fold 1: perfectly separated at 0.45, train accuracy 1.
@@ -594,7 +594,7 @@ mod tests {
     }
 
     /// Every midpoint of every two distinct scores, both outer thresholds;
-    /// the highest of the most accurate.
+    /// the lowest of the most accurate.
     fn brute_best(pairs: &[Scored]) -> (f64, f64) {
         let mut scores: Vec<f64> = pairs.iter().map(|p| p.score).collect();
         scores.sort_by(f64::total_cmp);
@@ -603,10 +603,10 @@ mod tests {
         for w in scores.windows(2) {
             cands.push(w[0] / 2.0 + w[1] / 2.0);
         }
-        let mut best = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+        let mut best = (f64::INFINITY, f64::NEG_INFINITY);
         for &t in &cands {
             let a = brute_accuracy(pairs, t);
-            if a > best.1 || (a == best.1 && t > best.0) {
+            if a > best.1 || (a == best.1 && t < best.0) {
                 best = (t, a);
             }
         }
