@@ -47,6 +47,7 @@ def main(out):
                 m = min(step, n - start)
                 x = np.frombuffer(f.read(m * dim * 4), dtype="<f4").reshape(m, dim)
                 index.add(np.ascontiguousarray(x))
+                del x  # the read buffer is not part of the index
         rss_per_face = (rss_bytes() - rss0) / n
         lat = []
         agree = 0
