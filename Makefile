@@ -39,9 +39,10 @@ run: ort
 	cargo run --release --locked -- serve
 
 ## Everything CI runs: model graph checks, Dockerfile checks, all Rust tests
-## (real model, real SQLite, real HTTP), and the real-Prometheus proof.
+## (real model, real SQLite, real HTTP), and the real-Prometheus proof. `cargo test`
+## also builds target/debug/mobiface, with the tests' feature set, for that proof
+## (a separate `cargo build` would compile the dependencies a second time).
 test: ort venv prometheus-tools
-	cargo build --locked
 	$(VENV)/bin/python models/test_model.py
 	$(VENV)/bin/python tests/ops/check_dockerfile.py
 	cargo test --locked
