@@ -72,3 +72,9 @@ train: venv-train venv
 	$(VENV_TRAIN)/bin/python models/train.py --budget-minutes $(TRAIN_MINUTES) $(TRAIN_ARGS)
 	$(VENV_TRAIN)/bin/python models/export.py --checkpoint models/checkpoints/best.pt --output models/mobiface.onnx
 	$(VENV)/bin/python models/calibrate.py --model models/mobiface.onnx --write
+
+## Benchmarks (not tests; numbers vary by machine): engine throughput and latency
+## across worker layouts and batch caps, then 1:N search next to FAISS IndexFlatIP.
+bench: ort
+	cargo run --release --locked --example bench_embed -- $(or $(BENCH_SECONDS),4)
+	bash benches/gallery_search.sh
