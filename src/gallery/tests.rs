@@ -1,7 +1,5 @@
 //! Gallery tests on real SQLite files in temporary folders.
 
-use std::collections::HashMap;
-
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -11,12 +9,7 @@ const DIM: usize = 512;
 const MODEL: &str = "mobiface@test-1";
 
 fn unit(rng: &mut StdRng) -> Vec<f32> {
-    let mut v: Vec<f32> = (0..DIM)
-        .map(|_| (0..4).map(|_| rng.random::<f32>() - 0.5).sum())
-        .collect();
-    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    v.iter_mut().for_each(|x| *x /= n);
-    v
+    index::tests::unit(rng, DIM)
 }
 
 fn open(path: &Path) -> Gallery {
@@ -37,34 +30,6 @@ fn raw_insert(path: &Path, subjects: &[Uuid], faces: &[(Uuid, Uuid, Vec<f32>, &s
             .is_some());
     }
     tx.commit().expect("commit");
-}
-
-fn naive(
-    faces: &[(Uuid, Uuid, Vec<f32>)],
-    q: &[f32],
-    k: usize,
-    thr: f32,
-) -> Vec<(Uuid, f64, Uuid)> {
-    let mut best: HashMap<Uuid, (f64, Uuid)> = HashMap::new();
-    for (fid, sid, v) in faces {
-        let s: f64 = v
-            .iter()
-            .zip(q)
-            .map(|(a, b)| f64::from(*a) * f64::from(*b))
-            .sum();
-        let e = best.entry(*sid).or_insert((f64::NEG_INFINITY, *fid));
-        if s > e.0 {
-            *e = (s, *fid);
-        }
-    }
-    let mut all: Vec<(Uuid, f64, Uuid)> = best
-        .into_iter()
-        .filter(|(_, (s, _))| *s >= f64::from(thr))
-        .map(|(sid, (s, f))| (sid, s, f))
-        .collect();
-    all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    all.truncate(k);
-    all
 }
 
 fn assert_same(got: &[Match], want: &[(Uuid, f64, Uuid)]) {
@@ -292,7 +257,10 @@ async fn identify_equals_naive_scan_of_stored_embeddings() {
         };
         for (k, thr) in [(1, -1.0), (5, -1.0), (20, 0.0), (100, -1.0), (10, 0.3)] {
             let got = g.identify(query.clone(), k, thr).await.expect("identify");
-            assert_same(&got.matches, &naive(&faces, &query, k, thr));
+            assert_same(
+                &got.matches,
+                &index::tests::naive(&faces, |_| true, &query, k, thr),
+            );
         }
     }
     // And again after a restart, from the file alone.
@@ -302,7 +270,10 @@ async fn identify_equals_naive_scan_of_stored_embeddings() {
     for _ in 0..10 {
         let query = unit(&mut rng);
         let got = g.identify(query.clone(), 10, -1.0).await.expect("identify");
-        assert_same(&got.matches, &naive(&faces, &query, 10, -1.0));
+        assert_same(
+            &got.matches,
+            &index::tests::naive(&faces, |_| true, &query, 10, -1.0),
+        );
     }
 }
 
