@@ -67,7 +67,7 @@ async fn main() -> anyhow::Result<()> {
             let cfg = EngineConfig {
                 workers,
                 intra_threads: intra,
-                max_batch,
+                max_batch: Some(max_batch),
                 ..base.clone()
             };
             let engine = Engine::start(&cfg, Arc::new(Metrics::new()))?;

@@ -127,7 +127,7 @@ impl Engine {
     pub fn start(cfg: &EngineConfig, metrics: Arc<Metrics>) -> anyhow::Result<Engine> {
         let workers = cfg.workers.max(1);
         let batch = BatchConfig {
-            max_batch: cfg.max_batch.max(1),
+            max_batch: cfg.max_batch(),
             max_delay: Duration::from_micros(cfg.max_batch_delay_us),
         };
         let queue = Arc::new(Queue::new(cfg.queue_capacity, metrics.clone()));

@@ -160,7 +160,7 @@ async fn embed_all(
     flip: bool,
 ) -> anyhow::Result<Vec<Vec<f32>>> {
     let copies = if flip { 2 } else { 1 };
-    let chunk = (cfg.max_batch / copies).max(1);
+    let chunk = (cfg.max_batch() / copies).max(1);
     let in_flight = (cfg.workers.max(1) + 1).min(cfg.queue_capacity.max(1));
     let chunks: Vec<Vec<Item>> = refs
         .chunks(chunk)

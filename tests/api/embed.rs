@@ -52,7 +52,8 @@ async fn flip_averaging_makes_an_image_and_its_mirror_agree() {
 
 #[tokio::test]
 async fn concurrent_requests_are_batched_without_changing_results() {
-    let app = spawn_app().await;
+    // The CPU default runs each face alone; a GPU-style cap lets requests share runs.
+    let app = spawn_app_with(|c| c.engine.max_batch = Some(16)).await;
     let images: Vec<Vec<u8>> = eval_crops(32).iter().map(|p| read(p)).collect();
 
     let mut alone = Vec::new();

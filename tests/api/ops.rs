@@ -444,7 +444,7 @@ async fn full_queue_is_503_with_retry_after() {
     let app = spawn_app_with(|c| {
         c.engine.queue_capacity = 1;
         c.engine.workers = 1;
-        c.engine.max_batch = 2;
+        c.engine.max_batch = Some(2);
     })
     .await;
     let images = crops_b64(8);
