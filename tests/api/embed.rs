@@ -370,13 +370,7 @@ async fn bad_inputs_get_clear_client_errors_and_the_server_keeps_serving() {
             .mime_str("image/jpeg")
             .unwrap(),
     );
-    let resp = app
-        .client
-        .post(app.url("/embed"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post_multipart("/embed", form).await;
     assert_eq!(resp.status(), 400, "multipart text-as-JPEG");
 
     let form = reqwest::multipart::Form::new()
@@ -389,13 +383,7 @@ async fn bad_inputs_get_clear_client_errors_and_the_server_keeps_serving() {
             reqwest::multipart::Part::bytes(good.clone()).file_name("b.jpg"),
         )
         .text("flip", "false");
-    let resp = app
-        .client
-        .post(app.url("/embed"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post_multipart("/embed", form).await;
     assert_eq!(resp.status(), 200, "multipart with two images");
     let value: Value = resp.json().await.unwrap();
     assert_eq!(value["embeddings"].as_array().unwrap().len(), 2);

@@ -231,25 +231,15 @@ async fn multipart_enrol_identify_and_verify() {
     };
     let form = reqwest::multipart::Form::new().part("image", part());
     let resp = app
-        .client
-        .post(app.url(&format!("/subjects/{sid}/faces")))
-        .multipart(form)
-        .send()
-        .await
-        .expect("sent");
+        .post_multipart(&format!("/subjects/{sid}/faces"), form)
+        .await;
     let (status, v) = json_of(resp).await;
     assert_eq!(status, StatusCode::CREATED, "{v}");
     let form = reqwest::multipart::Form::new()
         .part("image", part())
         .text("top_k", "3")
         .text("threshold", "0.5");
-    let resp = app
-        .client
-        .post(app.url("/identify"))
-        .multipart(form)
-        .send()
-        .await
-        .expect("sent");
+    let resp = app.post_multipart("/identify", form).await;
     let (status, v) = json_of(resp).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(matches(&v)[0]["subject_id"], sid.as_str());
@@ -257,13 +247,7 @@ async fn multipart_enrol_identify_and_verify() {
     let form = reqwest::multipart::Form::new()
         .part("image", part())
         .text("subject_id", sid.clone());
-    let resp = app
-        .client
-        .post(app.url("/verify"))
-        .multipart(form)
-        .send()
-        .await
-        .expect("sent");
+    let resp = app.post_multipart("/verify", form).await;
     let (status, v) = json_of(resp).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["match"], true, "{v}");

@@ -102,6 +102,19 @@ impl TestApp {
             .expect("request sent")
     }
 
+    pub async fn post_multipart(
+        &self,
+        path: &str,
+        form: reqwest::multipart::Form,
+    ) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .multipart(form)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
     pub async fn delete(&self, path: &str) -> reqwest::Response {
         self.client
             .delete(self.url(path))

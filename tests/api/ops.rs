@@ -412,13 +412,7 @@ async fn oversized_body_is_413_json() {
         "image",
         reqwest::multipart::Part::bytes(vec![0u8; 100 * 1024]).file_name("a.jpg"),
     );
-    let resp = app
-        .client
-        .post(app.url("/embed"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post_multipart("/embed", form).await;
     assert_eq!(resp.status(), 413);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
