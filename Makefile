@@ -8,7 +8,7 @@ VENV := .venv
 VENV_TRAIN := .venv-train
 export ORT_DYLIB_PATH ?= $(abspath $(ORT_LIB))
 
-.PHONY: run test bench train ort venv lint fmt prometheus-tools
+.PHONY: run test bench train ort venv venv-train lint fmt prometheus-tools
 
 ## ONNX Runtime shared library, taken out of the PyPI wheel (the ort crate's own download cannot reach its host).
 ort: $(ORT_LIB)
@@ -55,7 +55,7 @@ lint:
 fmt:
 	cargo fmt
 
-## --- models (models helper) ---
+## --- models ---
 ## Training environment: PyTorch, the dlib teacher, ONNX export.
 venv-train: $(VENV_TRAIN)/.done
 $(VENV_TRAIN)/.done: models/requirements-train.txt
