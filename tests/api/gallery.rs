@@ -52,34 +52,32 @@ async fn json_of(resp: reqwest::Response) -> (StatusCode, Value) {
     (status, value)
 }
 
+/// Asserts a 201 and returns the new resource's id from `field`.
+async fn created(resp: reqwest::Response, field: &str) -> (String, Value) {
+    let (status, body) = json_of(resp).await;
+    assert_eq!(status, StatusCode::CREATED, "expected 201: {body}");
+    let id = body[field].as_str().expect(field).to_string();
+    (id, body)
+}
+
 async fn create_subject(app: &TestApp, name: &str) -> String {
-    let (status, body) = json_of(
-        app.post_json(
+    let resp = app
+        .post_json(
             "/subjects",
             &json!({"name": name, "metadata": {"source": "lfw"}}),
         )
-        .await,
-    )
-    .await;
-    assert_eq!(status, StatusCode::CREATED, "create subject: {body}");
-    body["id"].as_str().expect("id").to_string()
+        .await;
+    created(resp, "id").await.0
 }
 
 async fn enrol(app: &TestApp, subject: &str, image: &Path) -> String {
     let body = json!({"image": b64(&read(image))});
-    let (status, body) = json_of(
-        app.post_json(&format!("/subjects/{subject}/faces"), &body)
-            .await,
-    )
-    .await;
-    assert_eq!(
-        status,
-        StatusCode::CREATED,
-        "enrol {}: {body}",
-        image.display()
-    );
-    assert_eq!(body["subject_id"], subject);
-    body["face_id"].as_str().expect("face_id").to_string()
+    let resp = app
+        .post_json(&format!("/subjects/{subject}/faces"), &body)
+        .await;
+    let (face_id, body) = created(resp, "face_id").await;
+    assert_eq!(body["subject_id"], subject, "enrol {}", image.display());
+    face_id
 }
 
 async fn identify(app: &TestApp, image: &Path, top_k: usize, threshold: f64) -> Value {
@@ -467,11 +465,7 @@ async fn acknowledged_writes_survive_sigkill() {
             .send()
             .await
             .expect("sent");
-        assert_eq!(resp.status(), StatusCode::CREATED);
-        let sid = resp.json::<Value>().await.expect("json")["id"]
-            .as_str()
-            .expect("id")
-            .to_string();
+        let (sid, _) = created(resp, "id").await;
         for img in files.iter().take(2) {
             let resp = client
                 .post(format!("{}/subjects/{sid}/faces", server.address))
@@ -479,11 +473,7 @@ async fn acknowledged_writes_survive_sigkill() {
                 .send()
                 .await
                 .expect("sent");
-            assert_eq!(resp.status(), StatusCode::CREATED);
-            let fid = resp.json::<Value>().await.expect("json")["face_id"]
-                .as_str()
-                .expect("id")
-                .to_string();
+            let (fid, _) = created(resp, "face_id").await;
             acked.push((sid.clone(), fid, img.clone()));
         }
         if i == 1 {
