@@ -67,10 +67,11 @@ $(VENV_TRAIN)/.done: models/requirements-train.txt
 ## Retrain MobiFace (teacher embeddings, then Flipped-MobiFace distillation; CUDA when present).
 ## TRAIN_MINUTES is the wall-clock budget; `make train TRAIN_ARGS=--resume` continues a run.
 TRAIN_MINUTES ?= 120
+MODEL_VERSION ?= 1.1.0
 train: venv-train venv
-	$(VENV_TRAIN)/bin/python models/teacher.py --sets lfw
+	$(VENV_TRAIN)/bin/python models/teacher.py --sets lfw,lfw-mirror
 	$(VENV_TRAIN)/bin/python models/train.py --budget-minutes $(TRAIN_MINUTES) $(TRAIN_ARGS)
-	$(VENV_TRAIN)/bin/python models/export.py --checkpoint models/checkpoints/best.pt --output models/mobiface.onnx
+	$(VENV_TRAIN)/bin/python models/export.py --checkpoint models/checkpoints/best.pt --version $(MODEL_VERSION) --output models/mobiface.onnx
 	$(VENV)/bin/python models/calibrate.py --model models/mobiface.onnx --write
 
 ## Benchmarks (not tests; numbers vary by machine): engine throughput and latency

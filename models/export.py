@@ -53,6 +53,13 @@ def build_model(head: str, checkpoint: str | None, seed: int) -> MobiFace:
     return model.eval()
 
 
+def training_time(checkpoint: str) -> str:
+    st = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    a = st.get("args", {})
+    return (f"{st['elapsed'] / 60:.1f} min ({a.get('device', 'cpu')}), {st['step']} steps of "
+            f"{a.get('batch')} faces (+mirrors), seed {a.get('seed')}")
+
+
 def calibrate_batchnorm(model: MobiFace, seed: int, batches: int = 8) -> None:
     """Set BatchNorm running statistics of random weights from seeded Gaussian noise.
 
@@ -178,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             meta["mobiface.threshold_far_1e-3"] = str(args.threshold_far_1e_3)
         meta["mobiface.training_data"] = args.training_data or TRAINING_DATA
         meta["mobiface.objective"] = args.objective or OBJECTIVE
+        meta["mobiface.training_time"] = training_time(args.checkpoint)
         if "utk" in meta["mobiface.training_data"].lower():
             meta["mobiface.licence"] = UTK_LICENCE
     else:

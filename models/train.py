@@ -246,7 +246,7 @@ def embed_eval(model, imgs_u8: np.ndarray, device, bs: int = 64) -> np.ndarray:
     out = []
     for i in range(0, len(imgs_u8), bs):
         x = torch.from_numpy(imgs_u8[i:i + bs]).permute(0, 3, 1, 2).float()
-        x = ((x - 127.5) / 128.0).to(device)
+        x = ((x - 127.5) / 128.0).to(device).contiguous(memory_format=torch.channels_last)
         out.append(flip_feature(model, x, False, device).cpu())
     model.train()
     return F.normalize(torch.cat(out), dim=1).numpy()
@@ -312,8 +312,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget-minutes", type=float, default=120.0, help="wall-clock budget")
     ap.add_argument("--total-steps", type=int, default=0, help="step-based schedule instead of wall clock")
-    ap.add_argument("--batch", type=int, default=16, help="samples per step (x2 images with the mirror)")
-    ap.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    ap.add_argument("--batch", type=int, default=32, help="samples per step (x2 images with the mirror)")
+    ap.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
     ap.add_argument("--wd", type=float, default=0.02, help="decoupled weight decay (not on BN/PReLU)")
     ap.add_argument("--w-kd", type=float, default=8.0)
     ap.add_argument("--w-rel", type=float, default=4.0)
@@ -324,6 +324,9 @@ def main(argv=None) -> int:
                     help="add UTKFace crops that have cached teacher embeddings (distillation only)")
     ap.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
                     help="bfloat16 autocast (auto: on for CUDA only)")
+    ap.add_argument("--compile", choices=["on", "off"], default="on",
+                    help="torch.compile the training step's forward (measured here: 2x the "
+                         "eager CPU throughput with channels_last; ~1 min to compile)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
@@ -340,10 +343,14 @@ def main(argv=None) -> int:
     else:
         amp = args.amp == "on"
     os.makedirs(args.out, exist_ok=True)
-    log(f"device {device}, bf16 autocast {amp}, threads {args.threads}, budget {args.budget_minutes} min")
+    log(f"device {device}, bf16 autocast {amp}, compile {args.compile}, threads {args.threads}, "
+        f"batch {args.batch}, budget {args.budget_minutes} min")
 
     data = Data(args.seed, args.val_ids, args.utk)
-    model = MobiFace("gdc").to(device)
+    # channels_last: depthwise and 1x1 convs run faster in NHWC on both CPU (oneDNN) and GPU
+    model = MobiFace("gdc").to(device, memory_format=torch.channels_last)
+    # the compiled module shares the parameters; checkpoints and validation use `model` itself
+    train_fwd = torch.compile(model) if args.compile == "on" else model
     # with a bias, P absorbs the mean of the (uncentred) dlib embeddings, so f need not carry a
     # constant direction, which would collapse the cosines that verification uses
     proj = nn.Linear(512, 128, bias=True).to(device)
@@ -387,7 +394,7 @@ def main(argv=None) -> int:
         save(path, model=model.state_dict(), proj=proj.state_dict(), cosface=cosface.state_dict(),
              opt=opt.state_dict(), step=step, epoch=epoch, pos=pos,
              elapsed=elapsed_before + time.time() - t0, best=best, history=history,
-             torch_rng=torch.get_rng_state(), args=vars(args), **extra)
+             torch_rng=torch.get_rng_state(), args=dict(vars(args), device=device.type), **extra)
 
     def do_val():
         nonlocal best, last_val
@@ -420,9 +427,9 @@ def main(argv=None) -> int:
                 grp["lr"] = lr
             x, t, have, label, is_lfw = data.batch(items[pos:pos + args.batch])
             pos += args.batch
-            x = augment(x, is_lfw, g).to(device)
+            x = augment(x, is_lfw, g).to(device).contiguous(memory_format=torch.channels_last)
             t, have, label = t.to(device), have.to(device), label.to(device)
-            f = flip_feature(model, x, amp, device)
+            f = flip_feature(train_fwd, x, amp, device)
             zero = f.sum() * 0
             kd = ((proj(f) - t) ** 2).sum(1)[have].mean() if have.any() else zero
             if have.sum() >= 2:
