@@ -21,3 +21,12 @@ def set_metadata(model: onnx.ModelProto, meta: dict) -> None:
 
 def get_metadata(model: onnx.ModelProto) -> dict:
     return {p.key: p.value for p in model.metadata_props}
+
+
+if __name__ == "__main__":
+    # `python models/onnx_meta.py MODEL.onnx` prints the metadata as JSON, so tests can read it
+    # without the service's own ONNX loader.
+    import json
+    import sys
+
+    print(json.dumps(get_metadata(onnx.load(sys.argv[1], load_external_data=False))))

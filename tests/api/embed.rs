@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use crate::helpers::{
     b64, cosine, embeddings_of, eval_crops, lfw_dir, manifest_dir, read, spawn_app, spawn_app_with,
+    venv_python,
 };
 
 fn png_bytes(img: &RgbImage) -> Vec<u8> {
@@ -102,13 +103,7 @@ fn reference_features(tensor: &[f32], n: usize) -> Vec<f32> {
     let (input, output) = (dir.path().join("in.f32"), dir.path().join("out.f32"));
     let bytes: Vec<u8> = tensor.iter().flat_map(|x| x.to_le_bytes()).collect();
     std::fs::write(&input, bytes).unwrap();
-    let python = manifest_dir().join(".venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} missing: run `make venv` (make test does)",
-        python.display()
-    );
-    let status = Command::new(python)
+    let status = Command::new(venv_python())
         .arg(manifest_dir().join("models/run_onnx.py"))
         .arg("--model")
         .arg(manifest_dir().join("models/mobiface.onnx"))

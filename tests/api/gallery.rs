@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::helpers::{
-    b64, eval_crops, lfw_dir, manifest_dir, read, spawn_app, spawn_app_with, TestApp,
+    b64, eval_crops, json_of, lfw_dir, manifest_dir, read, spawn_app, spawn_app_with, TestApp,
 };
 
 /// Identities of the evaluation split with at least `min` images, sorted,
@@ -39,17 +39,6 @@ fn people(n: usize, min: usize) -> Vec<(String, Vec<PathBuf>)> {
         .collect();
     assert_eq!(out.len(), n, "not enough identities with {min}+ images");
     out
-}
-
-async fn json_of(resp: reqwest::Response) -> (StatusCode, Value) {
-    let status = resp.status();
-    let text = resp.text().await.expect("body");
-    let value = if text.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("non-JSON body ({e}): {text}"))
-    };
-    (status, value)
 }
 
 /// Asserts a 201 and returns the new resource's id from `field`.

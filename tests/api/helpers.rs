@@ -8,6 +8,7 @@ use clap::Parser;
 use mobiface::api::AppState;
 use mobiface::config::Config;
 use mobiface::startup::Application;
+use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 #[derive(Parser)]
@@ -194,4 +195,27 @@ pub fn eval_crops(n: usize) -> Vec<PathBuf> {
 
 pub fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// Status and JSON body of a response (Null for an empty body).
+pub async fn json_of(resp: reqwest::Response) -> (StatusCode, Value) {
+    let status = resp.status();
+    let text = resp.text().await.expect("body");
+    let value = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("non-JSON body ({e}): {text}"))
+    };
+    (status, value)
+}
+
+/// The project's Python environment (onnx, onnxruntime), for independent reference checks.
+pub fn venv_python() -> PathBuf {
+    let python = manifest_dir().join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} missing: run `make venv` (make test does)",
+        python.display()
+    );
+    python
 }

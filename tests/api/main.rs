@@ -3,3 +3,4 @@ mod embed;
 mod gallery;
 mod helpers;
 mod ops;
+mod trained;
