@@ -159,12 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.checkpoint) == bool(args.untrained):
         ap.error("give exactly one of --checkpoint or --untrained")
     trained = not args.untrained
+    if trained and not args.version:
+        ap.error("--version is required with --checkpoint (the service reports it)")
     model = build_model(args.head, args.checkpoint, args.seed)
     n_params = count_params(model)
 
     meta: dict[str, str] = {
         "mobiface.name": "MobiFace",
-        "mobiface.version": args.version or ("1.0.0" if trained else "0.0.0-untrained"),
+        "mobiface.version": args.version or "0.0.0-untrained",
         "mobiface.embedding_dim": str(EMBEDDING_DIM),
         "mobiface.input_size": str(INPUT_SIZE),
         "mobiface.input_mean": "127.5",

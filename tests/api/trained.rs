@@ -9,7 +9,7 @@ use std::process::Command;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{b64, json_of, lfw_dir, manifest_dir, read, spawn_app, venv_python};
+use crate::helpers::{b64, json_of, lfw_dir, manifest_dir, read, spawn_app, venv_python, TestApp};
 
 /// Pairs from `pairs-eval.txt` that the shipped model (1.1.0) gets right at its
 /// calibrated threshold (0.252), with and without flip-averaging: cosine 0.753 for
@@ -51,7 +51,7 @@ fn crop(name: &str) -> String {
     b64(&read(&lfw_dir().join("eval-aligned").join(name)))
 }
 
-async fn verify(app: &crate::helpers::TestApp, pair: (&str, &str)) -> Value {
+async fn verify(app: &TestApp, pair: (&str, &str)) -> Value {
     let body = json!({"image1": crop(pair.0), "image2": crop(pair.1)});
     let (status, v) = json_of(app.post_json("/verify", &body).await).await;
     assert_eq!(status, StatusCode::OK, "{v}");
