@@ -220,8 +220,7 @@ async fn multipart_enrol_identify_and_verify() {
     let resp = app
         .post_multipart(&format!("/subjects/{sid}/faces"), form)
         .await;
-    let (status, v) = json_of(resp).await;
-    assert_eq!(status, StatusCode::CREATED, "{v}");
+    created(resp, "face_id").await;
     let form = reqwest::multipart::Form::new()
         .part("image", part())
         .text("top_k", "3")

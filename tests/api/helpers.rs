@@ -87,20 +87,11 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
-        self.client
-            .get(self.url(path))
-            .send()
-            .await
-            .expect("request sent")
+        send(self.client.get(self.url(path))).await
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.client
-            .post(self.url(path))
-            .json(body)
-            .send()
-            .await
-            .expect("request sent")
+        send(self.client.post(self.url(path)).json(body)).await
     }
 
     pub async fn post_multipart(
@@ -108,20 +99,11 @@ impl TestApp {
         path: &str,
         form: reqwest::multipart::Form,
     ) -> reqwest::Response {
-        self.client
-            .post(self.url(path))
-            .multipart(form)
-            .send()
-            .await
-            .expect("request sent")
+        send(self.client.post(self.url(path)).multipart(form)).await
     }
 
     pub async fn delete(&self, path: &str) -> reqwest::Response {
-        self.client
-            .delete(self.url(path))
-            .send()
-            .await
-            .expect("request sent")
+        send(self.client.delete(self.url(path))).await
     }
 
     /// POST /embed with base64 images; returns the embeddings, panicking on a non-200.
@@ -195,6 +177,10 @@ pub fn eval_crops(n: usize) -> Vec<PathBuf> {
 
 pub fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+async fn send(request: reqwest::RequestBuilder) -> reqwest::Response {
+    request.send().await.expect("request sent")
 }
 
 /// Status and JSON body of a response (Null for an empty body).
