@@ -41,11 +41,11 @@ UTK_LICENCE = ("Trained partly on UTKFace crops, which are provided for non-comm
                "purposes only; these weights inherit that restriction.")
 
 
-def build_model(head: str, checkpoint: str | None, seed: int) -> MobiFace:
+def build_model(head: str, state: dict | None, seed: int) -> MobiFace:
+    """`state`: a loaded train.py checkpoint (or bare state dict); None for seeded random weights."""
     torch.manual_seed(seed)
     model = MobiFace(head)
-    if checkpoint:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if state is not None:
         sd = state.get("ema_model") or state.get("model") or state
         model.load_state_dict(sd)
     else:
@@ -53,8 +53,7 @@ def build_model(head: str, checkpoint: str | None, seed: int) -> MobiFace:
     return model.eval()
 
 
-def training_time(checkpoint: str) -> str:
-    st = torch.load(checkpoint, map_location="cpu", weights_only=False)
+def training_time(st: dict) -> str:
     a = st.get("args", {})
     return (f"{st['elapsed'] / 60:.1f} min ({a.get('device', 'cpu')}), {st['step']} steps of "
             f"{a.get('batch')} faces (+mirrors), seed {a.get('seed')}")
@@ -161,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     trained = not args.untrained
     if trained and not args.version:
         ap.error("--version is required with --checkpoint (the service reports it)")
-    model = build_model(args.head, args.checkpoint, args.seed)
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False) if trained else None
+    model = build_model(args.head, state, args.seed)
     n_params = count_params(model)
 
     meta: dict[str, str] = {
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             meta["mobiface.threshold_far_1e-3"] = str(args.threshold_far_1e_3)
         meta["mobiface.training_data"] = args.training_data or TRAINING_DATA
         meta["mobiface.objective"] = args.objective or OBJECTIVE
-        meta["mobiface.training_time"] = training_time(args.checkpoint)
+        meta["mobiface.training_time"] = training_time(state)
         if "utk" in meta["mobiface.training_data"].lower():
             meta["mobiface.licence"] = UTK_LICENCE
     else:
