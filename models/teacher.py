@@ -89,6 +89,43 @@ def list_images(root: str) -> list[str]:
     return sorted(out)
 
 
+def split_identities(names: list[str], seed: int, val_ids: int) -> set[str]:
+    """The TRAINING identities held out for train.py's validation figure (>= 2 images each)."""
+    by_id: dict[str, int] = {}
+    for n in names:
+        k = n.split(os.sep)[0]
+        by_id[k] = by_id.get(k, 0) + 1
+    multi = sorted(k for k, v in by_id.items() if v >= 2)
+    return set(random.Random(seed).sample(multi, val_ids))
+
+
+def mix_specs(names: list[str], n: int, seed: int = 0, val_ids: int = 80):
+    """n mixup views of two training crops, x = lam * a + (1 - lam) * (b, mirrored if flip).
+
+    Distilling on such views gives the student teacher targets between faces, not only at the
+    8,254 crops themselves (function matching: Beyer et al., "Knowledge distillation: a good
+    teacher is patient and consistent", 2022). Crops of the default held-out validation
+    identities are never used (train.py also drops any view that touches its own held-out set).
+    """
+    held = split_identities(names, seed, val_ids)
+    pool = np.array([i for i, nm in enumerate(names) if nm.split(os.sep)[0] not in held])
+    rng = np.random.default_rng(10_000 + seed)
+    a = pool[rng.integers(0, len(pool), n)]
+    b = pool[rng.integers(0, len(pool), n)]
+    lam = rng.uniform(0.2, 0.8, n).astype(np.float32)
+    flip = rng.random(n) < 0.5
+    return a, b, lam, flip
+
+
+def mix_view(crops_a: np.ndarray, crops_b: np.ndarray, lam, flip) -> np.ndarray:
+    """uint8 [n,112,112,3] views (train.py builds the same blend in float on the fly)."""
+    b = np.where(np.asarray(flip).reshape(-1, 1, 1, 1), crops_b[:, :, ::-1], crops_b)
+    lam = np.asarray(lam, np.float32).reshape(-1, 1, 1, 1)
+    return np.rint(lam * crops_a + (1 - lam) * b).clip(0, 255).astype(np.uint8)
+
+
+MIX_VIEWS = 65_536
+
 SETS = {
     "lfw": (LFW_TRAIN, False),
     "lfw-mirror": (LFW_TRAIN, True),
@@ -107,7 +144,57 @@ def _work(job):
     return out, len(names), time.time() - t
 
 
+def _work_mix(job):
+    names, rows, out = job
+    _, _, rec = _load_models()
+    t = time.time()
+    a, b, lam, flip = rows
+    crops = {i: read_crop(os.path.join(LFW_TRAIN, names[i]), False) for i in set(a) | set(b)}
+    views = mix_view(np.stack([crops[i] for i in a]), np.stack([crops[i] for i in b]), lam, flip)
+    emb = np.asarray(rec.compute_face_descriptor([chip_of(v) for v in views]), dtype=np.float32)
+    tmp = out + ".tmp.npz"
+    np.savez(tmp, a=a, b=b, lam=lam, flip=flip, emb=emb)
+    os.replace(tmp, out)
+    return out, len(a), time.time() - t
+
+
+def run_mix(procs: int) -> None:
+    """Teacher embeddings of MIX_VIEWS mixup views, in shards; train.py uses the finished ones."""
+    names = list_images(LFW_TRAIN)
+    a, b, lam, flip = mix_specs(names, MIX_VIEWS)
+    d = os.path.join(CACHE, "lfw-mix")
+    os.makedirs(d, exist_ok=True)
+    jobs = []
+    for i in range(0, MIX_VIEWS, SHARD):
+        out = os.path.join(d, f"{i // SHARD:05d}.npz")
+        if not os.path.exists(out):
+            sl = slice(i, i + SHARD)
+            jobs.append((names, (a[sl], b[sl], lam[sl], flip[sl]), out))
+    print(f"[teacher] lfw-mix: {MIX_VIEWS} views, {len(jobs)} shards to do", flush=True)
+    t0, done = time.time(), 0
+    with Pool(procs) as pool:
+        for _out, n, _dt in pool.imap(_work_mix, jobs):
+            done += n
+            el = time.time() - t0
+            print(f"[teacher] lfw-mix: {done} views in {el:.0f}s ({done / el:.1f} views/s)", flush=True)
+
+
+def load_mix() -> dict[str, np.ndarray]:
+    """The finished mixup views: a, b (indices into list_images(LFW_TRAIN)), lam, flip, emb."""
+    d = os.path.join(CACHE, "lfw-mix")
+    parts = [np.load(os.path.join(d, f)) for f in sorted(os.listdir(d))
+             if f.endswith(".npz") and not f.endswith(".tmp.npz")] if os.path.isdir(d) else []
+    keys = ("a", "b", "lam", "flip", "emb")
+    if not parts:
+        return {"a": np.zeros(0, np.int64), "b": np.zeros(0, np.int64), "lam": np.zeros(0, np.float32),
+                "flip": np.zeros(0, bool), "emb": np.zeros((0, 128), np.float32)}
+    return {k: np.concatenate([p[k] for p in parts]) for k in keys}
+
+
 def run_set(name: str, procs: int) -> None:
+    if name == "lfw-mix":
+        run_mix(procs)
+        return
     root, mirror = SETS[name]
     names = list_images(root)
     d = os.path.join(CACHE, name)
@@ -203,7 +290,8 @@ def check(n_pairs: int, seed: int) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--procs", type=int, default=2)
-    ap.add_argument("--sets", default="lfw,lfw-mirror,utk,utk-mirror")
+    ap.add_argument("--sets", default="lfw,lfw-mirror,utk,utk-mirror",
+                    help="of lfw, lfw-mirror, lfw-mix (mixup views of LFW training crops), utk, utk-mirror")
     ap.add_argument("--check", type=int, default=0, metavar="N",
                     help="only report teacher accuracy on N matched + N mismatched TRAINING pairs")
     ap.add_argument("--seed", type=int, default=0)
