@@ -187,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             meta["mobiface.threshold_far_1e-3"] = str(args.threshold_far_1e_3)
         meta["mobiface.training_data"] = args.training_data or TRAINING_DATA
         meta["mobiface.objective"] = args.objective or OBJECTIVE
+        run_args = state.get("args", {})
+        if run_args.get("mix_ratio", 0) > 0 and not args.objective:
+            meta["mobiface.objective"] += (
+                f"; plus mixup views of two training crops (teacher.py lfw-mix, {run_args['mix_ratio']:g} per "
+                "crop per epoch) distilled against the teacher's feature of the same view, with no identity loss")
         meta["mobiface.training_time"] = training_time(state)
         if "utk" in meta["mobiface.training_data"].lower():
             meta["mobiface.licence"] = UTK_LICENCE

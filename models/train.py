@@ -2,6 +2,11 @@
 
     make train            # = .venv-train/bin/python models/train.py --budget-minutes 120
     .venv-train/bin/python models/train.py --budget-minutes 75 [--resume]
+    python3 models/train.py --pack lfw-train.npz --budget-minutes 4   # a GPU without ../shared
+
+On a CUDA GPU the defaults become batch 256 and peak LR 5e-3 with bf16 autocast, and every
+tensor a step touches (crops, targets, augmentation) stays on the device. MobiFace 1.2.0 is the
+best checkpoint of the last command on one H200 (models/MODEL_CARD.md).
 
 Objective, per sample I (a training crop after augmentation), with the flip-averaged feature
 f = (f(I) + f(mirror I)) / 2 (both halves in the same batch; the 512-d output before any
@@ -14,6 +19,9 @@ normalisation):
     itself (what verification uses), which P alone does not constrain;
   * CosFace (large-margin cosine loss, s=32, m=0.25) over LFW training identities with >= 2
     training images.
+With --mix-ratio R, each epoch adds R x (LFW crops) mixup views of two training crops whose own
+teacher targets teacher.py computed (--sets lfw-mix), for the two distillation terms only; off by
+default: at equal GPU time it scored lower on validation than plain crops (model card).
 With --utk, UTKFace crops (no labels) that have cached teacher embeddings join with the two
 distillation terms only; LFW crops get random black borders (like UTKFace's bands) half of the
 time either way. UTKFace is off by default: on a 2-core CPU the dlib teacher (~0.1 s per crop)
@@ -33,6 +41,7 @@ Checkpoints: models/checkpoints/{last,best}.pt (best = highest validation accura
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import random
@@ -52,7 +61,7 @@ from torch import nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from mobiface import MobiFace, PReLU, count_params  # noqa: E402
-from teacher import LFW_TRAIN, UTK, list_images, load_teacher  # noqa: E402
+from teacher import LFW_TRAIN, UTK, list_images, load_mix, load_teacher, split_identities  # noqa: E402
 
 CACHE = os.path.join(HERE, "cache")
 CKPT = os.path.join(HERE, "checkpoints")
@@ -67,9 +76,9 @@ def load_u8(root: str, names: list[str], cache_name: str) -> np.ndarray:
     """All crops as uint8 [N,112,112,3], decoded once and cached as .npy (outside git)."""
     path = os.path.join(CACHE, cache_name)
     if os.path.exists(path):
-        arr = np.load(path, mmap_mode="r")
+        arr = np.load(path)
         if arr.shape[0] == len(names):
-            return np.ascontiguousarray(arr)
+            return arr
     arr = np.empty((len(names), 112, 112, 3), np.uint8)
     for i, n in enumerate(names):
         arr[i] = np.asarray(Image.open(os.path.join(root, n)).convert("RGB"))
@@ -79,33 +88,101 @@ def load_u8(root: str, names: list[str], cache_name: str) -> np.ndarray:
     return arr
 
 
+def target_table(names, plain, mirror):
+    """Unit teacher targets (flip-averaged where the mirror is cached) and which crops have one."""
+    t = np.zeros((len(names), 128), np.float32)
+    have = np.zeros(len(names), bool)
+    for i, n in enumerate(names):
+        e = plain.get(n)
+        if e is None:
+            continue
+        m = mirror.get(n)
+        if m is not None:
+            e = e + m
+        t[i] = e / np.linalg.norm(e)
+        have[i] = True
+    return t, have
+
+
+def read_pack(path: str):
+    """models/pack.py's file: crops, LFW targets and mixup views, for machines without ../shared."""
+    z = np.load(path)
+    ends = z["jpeg_end"]
+    starts = np.concatenate([[0], ends[:-1]])
+    jpeg = z["jpeg"]
+    lfw = np.stack([np.asarray(Image.open(io.BytesIO(jpeg[a:b].tobytes())).convert("RGB"))
+                    for a, b in zip(starts, ends)])
+    mix = {k: z["mix_" + k] for k in ("a", "b", "lam", "flip")}
+    mix["emb"] = z["mix_t"].astype(np.float32) / 127
+    return [str(n) for n in z["names"]], lfw, z["lfw_t"].astype(np.float32) / 127, z["lfw_have"], mix
+
+
 class Data:
-    def __init__(self, seed: int, val_ids: int, use_utk: bool):
-        self.lfw_names = list_images(LFW_TRAIN)
-        ids = [n.split(os.sep)[0] for n in self.lfw_names]
+    """Crops, teacher targets and mixup views; what a training step reads lives on `device`."""
+
+    def __init__(self, seed: int, val_ids: int, use_utk: bool = False, mix_ratio: float = 0.0,
+                 id_fraction: float = 1.0, pack: str | None = None, device=torch.device("cpu")):
+        if pack:
+            if use_utk:
+                raise SystemExit("--utk reads ../shared; a pack holds LFW only")
+            names, self.lfw, lfw_t, lfw_have, mix = read_pack(pack)
+        else:
+            names = list_images(LFW_TRAIN)
+            self.lfw = load_u8(LFW_TRAIN, names, "lfw_train_u8.npy")
+            lfw_t, lfw_have = target_table(names, load_teacher("lfw"), load_teacher("lfw-mirror"))
+            mix = load_mix() if mix_ratio > 0 else None
+        self.lfw_names, self.lfw_t, self.lfw_have = names, lfw_t, lfw_have
+        ids = [n.split(os.sep)[0] for n in names]
         by_id: dict[str, list[int]] = {}
         for i, k in enumerate(ids):
             by_id.setdefault(k, []).append(i)
-        multi = sorted(k for k, v in by_id.items() if len(v) >= 2)
-        rng = random.Random(seed)
-        held = set(rng.sample(multi, val_ids))
+        held = split_identities(names, seed, val_ids)
         self.val_idx = sorted(i for k in held for i in by_id[k])
-        self.train_idx = [i for i in range(len(ids)) if ids[i] not in held]
+        train_ids = sorted(k for k in by_id if k not in held)
+        if id_fraction < 1.0:  # for the accuracy-against-training-set-size figure
+            train_ids = sorted(random.Random(seed + 3).sample(train_ids, round(id_fraction * len(train_ids))))
+        kept = set(train_ids)
+        self.train_idx = [i for i in range(len(ids)) if ids[i] in kept]
+        in_train = np.zeros(len(ids), bool)
+        in_train[self.train_idx] = True
         # CosFace classes: training identities with >= 2 training images
-        cls_ids = sorted(k for k in multi if k not in held)
+        cls_ids = [k for k in train_ids if len(by_id[k]) >= 2]
         self.class_of = {k: c for c, k in enumerate(cls_ids)}
         self.n_classes = len(cls_ids)
         self.lfw_label = np.array([self.class_of.get(k, -1) for k in ids], np.int64)
         self.lfw_ids = ids
         self.val_pairs = self._val_pairs(held, by_id, seed)
-        log(f"LFW train: {len(self.train_idx)} images, {self.n_classes} CosFace classes; "
-            f"held-out validation: {len(held)} training identities, {len(self.val_idx)} images, "
-            f"{len(self.val_pairs)} pairs")
-        self.lfw = load_u8(LFW_TRAIN, self.lfw_names, "lfw_train_u8.npy")
-        self.use_utk = use_utk
-        self.utk_names = list_images(UTK) if use_utk else []
-        self.utk = load_u8(UTK, self.utk_names, "utk_u8.npy") if use_utk else None
-        self.refresh_targets()
+        self.mix_ratio = mix_ratio
+        if mix is None or mix_ratio <= 0:
+            mix = {"a": np.zeros(0, np.int64), "b": np.zeros(0, np.int64),
+                   "lam": np.zeros(0, np.float32), "flip": np.zeros(0, bool), "emb": np.zeros((0, 128), np.float32)}
+        ok = in_train[mix["a"]] & in_train[mix["b"]]  # views never touch held-out identities
+        mix = {k: v[ok] for k, v in mix.items()}
+        mix["emb"] = mix["emb"] / np.maximum(np.linalg.norm(mix["emb"], axis=1, keepdims=True), 1e-12)
+        self.n_mix = len(mix["a"])
+        log(f"LFW train: {len(self.train_idx)} images, {self.n_classes} CosFace classes, "
+            f"{self.n_mix} mixup views; held-out validation: {len(held)} training identities, "
+            f"{len(self.val_idx)} images, {len(self.val_pairs)} pairs")
+        utk, utk_t, utk_have = np.zeros((0, 112, 112, 3), np.uint8), np.zeros((0, 128), np.float32), np.zeros(0, bool)
+        if use_utk:
+            utk_names = list_images(UTK)
+            utk = load_u8(UTK, utk_names, "utk_u8.npy")
+            utk_t, utk_have = target_table(utk_names, load_teacher("utk"), load_teacher("utk-mirror"))
+        self.utk_rows = np.nonzero(utk_have)[0]
+        tr = np.array(self.train_idx)
+        pool = np.concatenate([lfw_t[tr][lfw_have[tr]], utk_t[utk_have]])
+        dev = device
+
+        def T(a):
+            return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+
+        self.t_mean = T(pool.mean(0).astype(np.float32))
+        self.img, self.tgt, self.have, self.label = T(self.lfw), T(lfw_t), T(lfw_have), T(self.lfw_label)
+        self.utk_img, self.utk_t, self.utk_have = T(utk), T(utk_t), T(utk_have)
+        self.mix_a, self.mix_b, self.mix_lam, self.mix_flip, self.mix_t = (
+            T(mix["a"].astype(np.int64)), T(mix["b"].astype(np.int64)), T(mix["lam"].astype(np.float32)),
+            T(mix["flip"]), T(mix["emb"].astype(np.float32)))
+        self.device = dev
 
     def _val_pairs(self, held, by_id, seed):
         rng = random.Random(seed + 1)
@@ -123,73 +200,64 @@ class Data:
         rng.shuffle(pairs)
         return pairs
 
-    def refresh_targets(self) -> None:
-        """(Re)load teacher embeddings; UTK shards may still be arriving from teacher.py."""
-        def table(names, plain, mirror):
-            t = np.zeros((len(names), 128), np.float32)
-            have = np.zeros(len(names), bool)
-            for i, n in enumerate(names):
-                e = plain.get(n)
-                if e is None:
-                    continue
-                m = mirror.get(n)
-                if m is not None:
-                    e = e + m
-                t[i] = e / np.linalg.norm(e)
-                have[i] = True
-            return t, have
+    def epoch_items(self, rng: np.random.Generator) -> torch.Tensor:
+        """Shuffled (source, index) rows: 0 = LFW crop, 1 = UTKFace crop, 2 = mixup view (a fresh
+        draw of mix_ratio x the LFW count each epoch)."""
+        lfw = np.stack([np.zeros(len(self.train_idx), np.int64), np.array(self.train_idx)], 1)
+        utk = np.stack([np.ones_like(self.utk_rows), self.utk_rows], 1)
+        n_mix = min(self.n_mix, round(self.mix_ratio * len(self.train_idx)))
+        mix = np.stack([np.full(n_mix, 2), rng.choice(self.n_mix, n_mix, replace=False)], 1)
+        items = np.concatenate([lfw, utk, mix]).astype(np.int64)
+        return torch.from_numpy(items[rng.permutation(len(items))]).to(self.device)
 
-        self.lfw_t, self.lfw_have = table(self.lfw_names, load_teacher("lfw"), load_teacher("lfw-mirror"))
-        if self.use_utk:
-            self.utk_t, self.utk_have = table(self.utk_names, load_teacher("utk"), load_teacher("utk-mirror"))
-        else:
-            self.utk_t, self.utk_have = np.zeros((0, 128), np.float32), np.zeros(0, bool)
-        tr = np.array(self.train_idx)
-        pool = np.concatenate([self.lfw_t[tr][self.lfw_have[tr]], self.utk_t[self.utk_have]])
-        self.t_mean = pool.mean(0) if len(pool) else np.zeros(128, np.float32)
-
-    def epoch_items(self, rng: np.random.Generator) -> np.ndarray:
-        """Shuffled (source, index) rows: source 0 = LFW, 1 = UTK (only crops with a target)."""
-        lfw = np.array([(0, i) for i in self.train_idx], np.int64)
-        utk_i = np.nonzero(self.utk_have)[0]
-        utk = np.stack([np.ones_like(utk_i), utk_i], 1) if len(utk_i) else np.zeros((0, 2), np.int64)
-        items = np.concatenate([lfw, utk])
-        return items[rng.permutation(len(items))]
-
-    def batch(self, rows: np.ndarray):
-        imgs, tgt, have, label, is_lfw = [], [], [], [], []
-        for src, i in rows:
-            if src == 0:
-                imgs.append(self.lfw[i]); tgt.append(self.lfw_t[i]); have.append(self.lfw_have[i])
-                label.append(self.lfw_label[i]); is_lfw.append(True)
-            else:
-                imgs.append(self.utk[i]); tgt.append(self.utk_t[i]); have.append(self.utk_have[i])
-                label.append(-1); is_lfw.append(False)
-        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
-        return (x, torch.from_numpy(np.stack(tgt)), torch.from_numpy(np.array(have)),
-                torch.from_numpy(np.array(label)), torch.from_numpy(np.array(is_lfw)))
+    def batch(self, rows: torch.Tensor):
+        """Images float [B,3,112,112] in 0..255, targets, has-target, CosFace label (-1: none),
+        and which rows are LFW-based; gathers by index so a GPU step never waits on the host."""
+        src, idx = rows[:, 0], rows[:, 1]
+        is_mix, is_utk = src == 2, src == 1
+        mi = torch.where(is_mix, idx, 0)
+        ia = torch.where(is_mix, self.mix_a[mi] if self.n_mix else idx, torch.where(is_utk, 0, idx))
+        x = self.img[ia].float()
+        t, have = self.tgt[ia], self.have[ia]
+        if self.n_mix:
+            lam = torch.where(is_mix, self.mix_lam[mi], 1.0).view(-1, 1, 1, 1)
+            xb = self.img[self.mix_b[mi]].float()
+            xb = torch.where(self.mix_flip[mi].view(-1, 1, 1, 1), xb.flip(2), xb)
+            x = lam * x + (1 - lam) * xb
+            t = torch.where(is_mix.view(-1, 1), self.mix_t[mi], t)
+            have = have | is_mix
+        if len(self.utk_img):
+            ui = torch.where(is_utk, idx, 0)
+            x = torch.where(is_utk.view(-1, 1, 1, 1), self.utk_img[ui].float(), x)
+            t = torch.where(is_utk.view(-1, 1), self.utk_t[ui], t)
+            have = torch.where(is_utk, self.utk_have[ui], have)
+        label = torch.where(src == 0, self.label[ia], -1)
+        return x.permute(0, 3, 1, 2), t, have, label, ~is_utk
 
 
 # ---------------------------------------------------------------------------- augmentation
-def augment(x: torch.Tensor, is_lfw: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, is_lfw: torch.Tensor, g: torch.Generator, host_g: torch.Generator) -> torch.Tensor:
     """x: float [B,3,112,112] in 0..255. Returns normalised (x - 127.5) / 128."""
-    B = x.shape[0]
+    B, dev = x.shape[0], x.device
+
+    def R(*shape):
+        return torch.rand(*shape, generator=g, device=dev)
 
     def U(lo, hi, n=B):
-        return lo + (hi - lo) * torch.rand(n, generator=g)
+        return lo + (hi - lo) * R(n)
 
-    # random black borders on LFW crops, like UTKFace's bands
-    mask_p = (torch.rand(B, generator=g) < 0.5) & is_lfw
-    if mask_p.any():
-        rows = torch.arange(112).view(1, 112, 1)
-        cols = torch.arange(112).view(1, 1, 112)
-        top = (U(0, 30)).long().view(B, 1, 1)
-        bot = (U(0, 10)).long().view(B, 1, 1)
-        lft = (U(0, 14)).long().view(B, 1, 1)
-        rgt = (U(0, 14)).long().view(B, 1, 1)
-        keep = (rows >= top) & (rows < 112 - bot) & (cols >= lft) & (cols < 112 - rgt)
-        keep = keep | ~mask_p.view(B, 1, 1)
-        x = x * keep.unsqueeze(1)
+    # random black borders on LFW crops, like UTKFace's bands (computed for every row and masked:
+    # a data-dependent branch would make a GPU wait on the host)
+    mask_p = (R(B) < 0.5) & is_lfw
+    rows = torch.arange(112, device=dev).view(1, 112, 1)
+    cols = torch.arange(112, device=dev).view(1, 1, 112)
+    top = (U(0, 30)).long().view(B, 1, 1)
+    bot = (U(0, 10)).long().view(B, 1, 1)
+    lft = (U(0, 14)).long().view(B, 1, 1)
+    rgt = (U(0, 14)).long().view(B, 1, 1)
+    keep = (rows >= top) & (rows < 112 - bot) & (cols >= lft) & (cols < 112 - rgt)
+    keep = keep | ~mask_p.view(B, 1, 1)
+    x = x * keep.unsqueeze(1)
     # small similarity jitter: scale, rotation, shift (black outside, as in the crops)
     s = U(0.92, 1.08)
     r = U(-6, 6) * math.pi / 180
@@ -202,19 +270,19 @@ def augment(x: torch.Tensor, is_lfw: torch.Tensor, g: torch.Generator) -> torch.
     # colour: brightness, contrast, saturation, occasional grey
     grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
     sat = U(0.6, 1.4).view(B, 1, 1, 1)
-    sat = torch.where(torch.rand(B, 1, 1, 1, generator=g) < 0.05, torch.zeros_like(sat), sat)
+    sat = torch.where(R(B, 1, 1, 1) < 0.05, torch.zeros_like(sat), sat)
     x = grey + (x - grey) * sat
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = mean + (x - mean) * U(0.7, 1.3).view(B, 1, 1, 1)
     x = x * U(0.7, 1.3).view(B, 1, 1, 1) + U(-12, 12).view(B, 1, 1, 1)
     # blur / low resolution on a quarter of the batch
-    blur = torch.nonzero(torch.rand(B, generator=g) < 0.25).flatten()
-    if len(blur):
-        size = int(torch.randint(40, 96, (1,), generator=g))
-        small = F.interpolate(x[blur], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        x[blur] = F.interpolate(small, size=(112, 112), mode="bilinear", align_corners=False)
+    # (one random size per batch, drawn on the host so it is not a device sync)
+    blur = R(B) < 0.25
+    size = int(40 + 56 * float(torch.rand(1, generator=host_g)))
+    small = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    x = torch.where(blur.view(B, 1, 1, 1), F.interpolate(small, size=(112, 112), mode="bilinear", align_corners=False), x)
     # mirror half of them (the pair below adds the other orientation anyway)
-    flip = torch.rand(B, generator=g) < 0.5
+    flip = R(B) < 0.5
     x = torch.where(flip.view(B, 1, 1, 1), x.flip(3), x)
     return (x.clamp(0, 255) - 127.5) / 128.0
 
@@ -227,9 +295,12 @@ class CosFace(nn.Module):
         self.s, self.m = s, m
 
     def forward(self, f: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the rows with label >= 0 (others carry no identity)."""
         cos = F.linear(F.normalize(f), F.normalize(self.weight))
-        onehot = F.one_hot(label, cos.shape[1]).to(cos.dtype)
-        return F.cross_entropy(self.s * (cos - self.m * onehot), label)
+        known = label >= 0
+        onehot = F.one_hot(label.clamp(min=0), cos.shape[1]).to(cos.dtype) * known.unsqueeze(1)
+        ce = F.cross_entropy(self.s * (cos - self.m * onehot), torch.where(known, label, -100), reduction="sum")
+        return ce / known.sum().clamp(min=1)
 
 
 def flip_feature(model: nn.Module, x: torch.Tensor, amp: bool, device) -> torch.Tensor:
@@ -312,12 +383,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget-minutes", type=float, default=120.0, help="wall-clock budget")
     ap.add_argument("--total-steps", type=int, default=0, help="step-based schedule instead of wall clock")
-    ap.add_argument("--batch", type=int, default=32, help="samples per step (x2 images with the mirror)")
-    ap.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
+    ap.add_argument("--batch", type=int, default=0,
+                    help="samples per step (x2 images with the mirror); default 32 on a CPU, 256 on a GPU")
+    ap.add_argument("--lr", type=float, default=0.0,
+                    help="peak AdamW learning rate; default 3e-3 on a CPU, 5e-3 on a GPU")
     ap.add_argument("--wd", type=float, default=0.02, help="decoupled weight decay (not on BN/PReLU)")
     ap.add_argument("--w-kd", type=float, default=8.0)
     ap.add_argument("--w-rel", type=float, default=4.0)
     ap.add_argument("--w-ce", type=float, default=0.5)
+    ap.add_argument("--mix-ratio", type=float, default=0.0,
+                    help="mixup views (teacher.py --sets lfw-mix) per LFW crop in each epoch")
+    ap.add_argument("--id-fraction", type=float, default=1.0,
+                    help="train on this fraction of the training identities (data-size figure)")
+    ap.add_argument("--pack", default=None, help="read models/pack.py's file instead of ../shared")
     ap.add_argument("--val-ids", type=int, default=80, help="held-out TRAINING identities")
     ap.add_argument("--val-every-min", type=float, default=10.0)
     ap.add_argument("--utk", action="store_true",
@@ -338,6 +416,11 @@ def main(argv=None) -> int:
     np.random.seed(args.seed)
     random.seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest conv kernels once
+    gpu = device.type == "cuda"
+    # a GPU needs big batches to be busy; AdamW's peak LR rises with them, less than linearly
+    args.batch = args.batch or (256 if gpu else 32)
+    args.lr = args.lr or (5e-3 if gpu else 3e-3)
     if args.amp == "auto":
         amp = device.type == "cuda"  # on this CPU bf16 autocast measured slower than fp32
     else:
@@ -346,7 +429,7 @@ def main(argv=None) -> int:
     log(f"device {device}, bf16 autocast {amp}, compile {args.compile}, threads {args.threads}, "
         f"batch {args.batch}, budget {args.budget_minutes} min")
 
-    data = Data(args.seed, args.val_ids, args.utk)
+    data = Data(args.seed, args.val_ids, args.utk, args.mix_ratio, args.id_fraction, args.pack, device)
     # channels_last: depthwise and 1x1 convs run faster in NHWC on both CPU (oneDNN) and GPU
     model = MobiFace("gdc").to(device, memory_format=torch.channels_last)
     # the compiled module shares the parameters; checkpoints and validation use `model` itself
@@ -355,6 +438,7 @@ def main(argv=None) -> int:
     # constant direction, which would collapse the cosines that verification uses
     proj = nn.Linear(512, 128, bias=True).to(device)
     cosface = CosFace(512, data.n_classes).to(device)
+    params = list(model.parameters()) + list(proj.parameters()) + list(cosface.parameters())
     # AdamW: the CPU budget allows only a few thousand steps, where it converges faster than SGD
     opt = torch.optim.AdamW(param_groups([model, proj, cosface], args.wd), lr=args.lr,
                             betas=(0.9, 0.999))
@@ -377,12 +461,18 @@ def main(argv=None) -> int:
     if tacc is not None:
         log(f"teacher (dlib) 2-fold accuracy on the validation pairs: {tacc * 100:.2f}%")
 
-    g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+    def generators(ep):
+        # augmentation draws on the training device; the host one only picks the blur size
+        return (torch.Generator(device=device).manual_seed(args.seed * 1000 + ep),
+                torch.Generator().manual_seed(args.seed * 1000 + ep))
+
+    g, host_g = generators(epoch)
     t0 = time.time()
     last_val = time.time()
     last_save = time.time()
     seen = 0
-    run = {"kd": 0.0, "rel": 0.0, "ce": 0.0, "n": 0}
+    zero = torch.zeros((), device=device)
+    run = {"kd": zero, "rel": zero, "ce": zero, "n": 0}
     stop = False
 
     def progress():
@@ -390,11 +480,10 @@ def main(argv=None) -> int:
             return step / args.total_steps
         return (elapsed_before + time.time() - t0) / budget
 
-    def checkpoint(path, **extra):
-        save(path, model=model.state_dict(), proj=proj.state_dict(), cosface=cosface.state_dict(),
-             opt=opt.state_dict(), step=step, epoch=epoch, pos=pos,
-             elapsed=elapsed_before + time.time() - t0, best=best, history=history,
-             torch_rng=torch.get_rng_state(), args=dict(vars(args), device=device.type), **extra)
+    def state():
+        return dict(model=model.state_dict(), step=step, epoch=epoch,
+                    elapsed=elapsed_before + time.time() - t0, best=best, history=history,
+                    args=dict(vars(args), device=device.type))
 
     def do_val():
         nonlocal best, last_val
@@ -405,18 +494,28 @@ def main(argv=None) -> int:
             f"2-fold accuracy {acc * 100:.2f}% (pos-neg cosine gap {gap:.3f})")
         if acc > best:
             best = acc
-            checkpoint(best_path, val_acc=acc)
+            # the weights alone (about 10 MB): what export.py and fit_gap.py read
+            save(best_path, val_acc=acc, **state())
             log(f"new best {acc * 100:.2f}% -> {best_path}")
         last_val = time.time()
 
+    def losses(fwd, x, t, have, label):
+        f = flip_feature(fwd, x, amp, device)
+        # masks instead of boolean indexing: no step waits on the device for a count
+        hv = have.float()
+        kd = (((proj(f) - t) ** 2).sum(1) * hv).sum() / hv.sum().clamp(min=1)
+        fn = F.normalize(f)
+        tc = F.normalize(t - data.t_mean)
+        w = hv.unsqueeze(1) * hv.unsqueeze(0) * (1 - torch.eye(len(f), device=device))
+        rel = (((fn @ fn.T - tc @ tc.T) ** 2) * w).sum() / w.sum().clamp(min=1)
+        ce = cosface(f, label)
+        return kd, rel, ce
+
     while not stop:
         rng = np.random.default_rng(args.seed * 7919 + epoch)
-        if pos == 0:
-            data.refresh_targets()
         items = data.epoch_items(rng)
         if pos == 0:
-            log(f"epoch {epoch}: {len(items)} samples ({int((items[:, 0] == 1).sum())} UTKFace)")
-        t_mean = torch.from_numpy(data.t_mean).to(device)
+            log(f"epoch {epoch}: {len(items)} samples")
         while pos + args.batch <= len(items):
             p = progress()
             if p >= 1.0:
@@ -427,46 +526,44 @@ def main(argv=None) -> int:
                 grp["lr"] = lr
             x, t, have, label, is_lfw = data.batch(items[pos:pos + args.batch])
             pos += args.batch
-            x = augment(x, is_lfw, g).to(device).contiguous(memory_format=torch.channels_last)
-            t, have, label = t.to(device), have.to(device), label.to(device)
-            f = flip_feature(train_fwd, x, amp, device)
-            zero = f.sum() * 0
-            kd = ((proj(f) - t) ** 2).sum(1)[have].mean() if have.any() else zero
-            if have.sum() >= 2:
-                fn = F.normalize(f[have])
-                tc = F.normalize(t[have] - t_mean)
-                off = ~torch.eye(len(fn), dtype=torch.bool, device=device)
-                rel = ((fn @ fn.T - tc @ tc.T) ** 2)[off].mean()
-            else:
-                rel = zero
-            lab = label >= 0
-            ce = cosface(f[lab], label[lab]) if lab.any() else zero
+            x = augment(x, is_lfw, g, host_g).contiguous(memory_format=torch.channels_last)
+            try:
+                kd, rel, ce = losses(train_fwd, x, t, have, label)
+            except Exception as e:  # noqa: BLE001 -- a compiler failure must not cost the run
+                if train_fwd is model:
+                    raise
+                log(f"torch.compile failed ({type(e).__name__}: {e}); continuing eager")
+                train_fwd = model
+                kd, rel, ce = losses(train_fwd, x, t, have, label)
             loss = args.w_kd * kd + args.w_rel * rel + args.w_ce * ce
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(list(model.parameters()) + list(proj.parameters()) + list(cosface.parameters()), 5.0)
+            nn.utils.clip_grad_norm_(params, 5.0)
             opt.step()
             step += 1
             seen += len(x)
-            run["kd"] += kd.item(); run["rel"] += rel.item(); run["ce"] += ce.item(); run["n"] += 1
+            run = {"kd": run["kd"] + kd.detach(), "rel": run["rel"] + rel.detach(),
+                   "ce": run["ce"] + ce.detach(), "n": run["n"] + 1}
             if step % 20 == 0:
                 el = time.time() - t0
                 n = run["n"]
-                log(f"step {step} ep {epoch} lr {lr:.4f} kd {run['kd'] / n:.4f} rel {run['rel'] / n:.4f} "
-                    f"cosface {run['ce'] / n:.3f} | {seen / el:.1f} samples/s ({2 * seen / el:.1f} img/s) "
-                    f"| {100 * p:.1f}% of budget")
-                run = {"kd": 0.0, "rel": 0.0, "ce": 0.0, "n": 0}
+                log(f"step {step} ep {epoch} lr {lr:.4f} kd {run['kd'].item() / n:.4f} "
+                    f"rel {run['rel'].item() / n:.4f} cosface {run['ce'].item() / n:.3f} | "
+                    f"{seen / el:.1f} samples/s ({2 * seen / el:.1f} img/s) | {100 * p:.1f}% of budget")
+                run = {"kd": zero, "rel": zero, "ce": zero, "n": 0}
             if time.time() - last_val > args.val_every_min * 60:
                 do_val()
             if time.time() - last_save > 300:
-                checkpoint(last_path)
+                save(last_path, proj=proj.state_dict(), cosface=cosface.state_dict(), opt=opt.state_dict(),
+                     pos=pos, torch_rng=torch.get_rng_state(), **state())
                 last_save = time.time()
         if not stop:
             epoch += 1
             pos = 0
-            g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+            g, host_g = generators(epoch)
     do_val()
-    checkpoint(last_path)
+    save(last_path, proj=proj.state_dict(), cosface=cosface.state_dict(), opt=opt.state_dict(),
+         pos=pos, torch_rng=torch.get_rng_state(), **state())
     el = elapsed_before + time.time() - t0
     log(f"TRAIN-DONE steps {step}, {el / 60:.1f} min, best validation accuracy {best * 100:.2f}% "
         f"({best_path})")
