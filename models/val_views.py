@@ -1,0 +1,60 @@
+"""Validation accuracy of checkpoints with and without flip-averaging (held-out TRAINING identities).
+
+    .venv-train/bin/python models/val_views.py CHECKPOINT [CHECKPOINT ...]
+
+Training selects on the flip-averaged figure alone, and the Flipped-MobiFace objective only sees
+(f(I) + f(mirror I)) / 2, so nothing stops f(I) - f(mirror I) from growing: some runs end with a
+mirror-antisymmetric part several times the size of the average, and single-view features that
+verify at chance. This prints both accuracies and that ratio, so a release can refuse such a
+checkpoint (MobiFace 1.2.0 was chosen this way: models/MODEL_CARD.md). Never reads the eval split.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from mobiface import MobiFace  # noqa: E402
+from train import Data, two_fold_accuracy  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__)
+        return 2
+    torch.set_num_threads(2)
+    data = Data(0, 80)
+    idx = np.array(data.val_idx)
+    row = {int(j): k for k, j in enumerate(idx)}
+    y = np.array([p[2] for p in data.val_pairs])
+    x = torch.from_numpy(data.lfw[idx]).permute(0, 3, 1, 2).float()
+    x = ((x - 127.5) / 128).contiguous(memory_format=torch.channels_last)
+    for path in argv:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+        model = MobiFace("gdc").to(memory_format=torch.channels_last)
+        # half-precision checkpoints (the GPU sweep's data-size runs) load into fp32
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in st["model"].items()})
+        model.eval()
+        with torch.no_grad():
+            a = torch.cat([model(x[i:i + 128]) for i in range(0, len(x), 128)])
+            b = torch.cat([model(x[i:i + 128].flip(3)) for i in range(0, len(x), 128)])
+        acc = {}
+        for name, e in (("flip", (a + b) / 2), ("single", a)):
+            e = F.normalize(e, dim=1).numpy()
+            sc = np.array([float(e[row[p]] @ e[row[q]]) for p, q, _ in data.val_pairs])
+            acc[name] = two_fold_accuracy(sc, y) * 100
+        anti = float(((a - b).norm(dim=1) / (a + b).norm(dim=1)).median())
+        print(f"{path}: step {st['step']}, validation {acc['flip']:.2f}% flip-averaged, "
+              f"{acc['single']:.2f}% single view; median |f(I)-f(mI)| / |f(I)+f(mI)| {anti:.2f}",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
