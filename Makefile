@@ -67,7 +67,7 @@ $(VENV_TRAIN)/.done: models/requirements-train.txt
 ## Retrain MobiFace (teacher embeddings, then Flipped-MobiFace distillation; CUDA when present).
 ## TRAIN_MINUTES is the wall-clock budget; `make train TRAIN_ARGS=--resume` continues a run.
 TRAIN_MINUTES ?= 120
-MODEL_VERSION ?= 1.1.0
+MODEL_VERSION ?= 1.2.0
 train: venv-train venv
 	$(VENV_TRAIN)/bin/python models/teacher.py --sets lfw,lfw-mirror
 	$(VENV_TRAIN)/bin/python models/train.py --budget-minutes $(TRAIN_MINUTES) $(TRAIN_ARGS)
