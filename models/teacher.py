@@ -184,11 +184,14 @@ def load_mix() -> dict[str, np.ndarray]:
     d = os.path.join(CACHE, "lfw-mix")
     parts = [np.load(os.path.join(d, f)) for f in sorted(os.listdir(d))
              if f.endswith(".npz") and not f.endswith(".tmp.npz")] if os.path.isdir(d) else []
-    keys = ("a", "b", "lam", "flip", "emb")
     if not parts:
-        return {"a": np.zeros(0, np.int64), "b": np.zeros(0, np.int64), "lam": np.zeros(0, np.float32),
-                "flip": np.zeros(0, bool), "emb": np.zeros((0, 128), np.float32)}
-    return {k: np.concatenate([p[k] for p in parts]) for k in keys}
+        return empty_mix()
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("a", "b", "lam", "flip", "emb")}
+
+
+def empty_mix() -> dict[str, np.ndarray]:
+    return {"a": np.zeros(0, np.int64), "b": np.zeros(0, np.int64), "lam": np.zeros(0, np.float32),
+            "flip": np.zeros(0, bool), "emb": np.zeros((0, 128), np.float32)}
 
 
 def run_set(name: str, procs: int) -> None:

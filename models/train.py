@@ -61,7 +61,8 @@ from torch import nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from mobiface import MobiFace, PReLU, count_params  # noqa: E402
-from teacher import LFW_TRAIN, UTK, list_images, load_mix, load_teacher, split_identities  # noqa: E402
+from teacher import (LFW_TRAIN, UTK, empty_mix, list_images, load_mix, load_teacher,  # noqa: E402
+                     split_identities)
 
 CACHE = os.path.join(HERE, "cache")
 CKPT = os.path.join(HERE, "checkpoints")
@@ -130,7 +131,7 @@ class Data:
             names = list_images(LFW_TRAIN)
             self.lfw = load_u8(LFW_TRAIN, names, "lfw_train_u8.npy")
             lfw_t, lfw_have = target_table(names, load_teacher("lfw"), load_teacher("lfw-mirror"))
-            mix = load_mix() if mix_ratio > 0 else None
+            mix = load_mix() if mix_ratio > 0 else empty_mix()
         self.lfw_names, self.lfw_t, self.lfw_have = names, lfw_t, lfw_have
         ids = [n.split(os.sep)[0] for n in names]
         by_id: dict[str, list[int]] = {}
@@ -153,9 +154,8 @@ class Data:
         self.lfw_ids = ids
         self.val_pairs = self._val_pairs(held, by_id, seed)
         self.mix_ratio = mix_ratio
-        if mix is None or mix_ratio <= 0:
-            mix = {"a": np.zeros(0, np.int64), "b": np.zeros(0, np.int64),
-                   "lam": np.zeros(0, np.float32), "flip": np.zeros(0, bool), "emb": np.zeros((0, 128), np.float32)}
+        if mix_ratio <= 0:
+            mix = empty_mix()
         ok = in_train[mix["a"]] & in_train[mix["b"]]  # views never touch held-out identities
         mix = {k: v[ok] for k, v in mix.items()}
         mix["emb"] = mix["emb"] / np.maximum(np.linalg.norm(mix["emb"], axis=1, keepdims=True), 1e-12)
@@ -485,6 +485,11 @@ def main(argv=None) -> int:
                     elapsed=elapsed_before + time.time() - t0, best=best, history=history,
                     args=dict(vars(args), device=device.type))
 
+    def save_last():
+        # everything --resume needs
+        save(last_path, proj=proj.state_dict(), cosface=cosface.state_dict(), opt=opt.state_dict(),
+             pos=pos, torch_rng=torch.get_rng_state(), **state())
+
     def do_val():
         nonlocal best, last_val
         acc, gap = validate(model, data, device)
@@ -554,16 +559,14 @@ def main(argv=None) -> int:
             if time.time() - last_val > args.val_every_min * 60:
                 do_val()
             if time.time() - last_save > 300:
-                save(last_path, proj=proj.state_dict(), cosface=cosface.state_dict(), opt=opt.state_dict(),
-                     pos=pos, torch_rng=torch.get_rng_state(), **state())
+                save_last()
                 last_save = time.time()
         if not stop:
             epoch += 1
             pos = 0
             g, host_g = generators(epoch)
     do_val()
-    save(last_path, proj=proj.state_dict(), cosface=cosface.state_dict(), opt=opt.state_dict(),
-         pos=pos, torch_rng=torch.get_rng_state(), **state())
+    save_last()
     el = elapsed_before + time.time() - t0
     log(f"TRAIN-DONE steps {step}, {el / 60:.1f} min, best validation accuracy {best * 100:.2f}% "
         f"({best_path})")
