@@ -5,7 +5,7 @@ Untrained, seeded random weights (what the repository shipped before training):
 
 Trained weights from a checkpoint written by models/train.py:
     .venv-train/bin/python models/export.py --checkpoint models/checkpoints/best.pt \
-        --version 1.1.0 --output models/mobiface.onnx
+        --version 1.2.0 --output models/mobiface.onnx
 then models/calibrate.py writes the thresholds into the file's metadata.
 
 Graph contract (the Rust engine relies on it):

@@ -23,13 +23,11 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from mobiface import MobiFace  # noqa: E402
-from train import Data, embed_eval, two_fold_accuracy  # noqa: E402
+from train import Data, embed_eval, load_student, pair_scores, two_fold_accuracy  # noqa: E402
 
 
 def accuracy(emb: np.ndarray, pairs) -> float:
-    sc = np.array([float(emb[a] @ emb[b]) for a, b, _ in pairs])
-    return two_fold_accuracy(sc, np.array([p[2] for p in pairs]))
+    return two_fold_accuracy(*pair_scores(emb, pairs))
 
 
 def main(argv=None) -> int:
@@ -49,9 +47,7 @@ def main(argv=None) -> int:
     seen = set(random.Random(args.seed + 2).sample(multi, len(held)))
     seen_pairs = data._val_pairs(seen, by_id, args.seed)
 
-    model = MobiFace("gdc").to(memory_format=torch.channels_last)
-    st = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    model.load_state_dict(st["model"])
+    model, _ = load_student(args.checkpoint)
     need = sorted({i for a, b, _ in data.val_pairs + seen_pairs for i in (a, b)})
     student = np.zeros((len(data.lfw), 512), np.float32)
     student[need] = embed_eval(model, data.lfw[need], torch.device("cpu"))

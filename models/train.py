@@ -171,10 +171,9 @@ class Data:
         self.utk_rows = np.nonzero(utk_have)[0]
         tr = np.array(self.train_idx)
         pool = np.concatenate([lfw_t[tr][lfw_have[tr]], utk_t[utk_have]])
-        dev = device
 
         def T(a):
-            return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
         self.t_mean = T(pool.mean(0).astype(np.float32))
         self.img, self.tgt, self.have, self.label = T(self.lfw), T(lfw_t), T(lfw_have), T(self.lfw_label)
@@ -182,7 +181,7 @@ class Data:
         self.mix_a, self.mix_b, self.mix_lam, self.mix_flip, self.mix_t = (
             T(mix["a"].astype(np.int64)), T(mix["b"].astype(np.int64)), T(mix["lam"].astype(np.float32)),
             T(mix["flip"]), T(mix["emb"].astype(np.float32)))
-        self.device = dev
+        self.device = device
 
     def _val_pairs(self, held, by_id, seed):
         rng = random.Random(seed + 1)
@@ -335,22 +334,35 @@ def two_fold_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(accs))
 
 
+def pair_scores(emb: np.ndarray, pairs, row: dict[int, int] | None = None):
+    """Cosines and same-person labels of (a, b, same) pairs of LFW indices, from unit embeddings;
+    `row` maps an LFW index to its row of `emb` when `emb` holds only some crops."""
+    def at(i):
+        return emb[i if row is None else row[i]]
+
+    return (np.array([float(at(a) @ at(b)) for a, b, _ in pairs]), np.array([p[2] for p in pairs]))
+
+
 def validate(model, data: Data, device) -> tuple[float, float]:
     idx = np.array(data.val_idx)
     emb = embed_eval(model, data.lfw[idx], device)
-    pos = {int(j): k for k, j in enumerate(idx)}
-    pairs = data.val_pairs
-    sc = np.array([float(emb[pos[a]] @ emb[pos[b]]) for a, b, _ in pairs])
-    y = np.array([p[2] for p in pairs])
+    sc, y = pair_scores(emb, data.val_pairs, {int(j): k for k, j in enumerate(idx)})
     return two_fold_accuracy(sc, y), float(np.mean(sc[y == 1]) - np.mean(sc[y == 0]))
 
 
 def teacher_val_accuracy(data: Data) -> float | None:
     if not all(data.lfw_have[i] for i in data.val_idx):
         return None
-    t = data.lfw_t
-    sc = np.array([float(t[a] @ t[b]) for a, b, _ in data.val_pairs])
-    return two_fold_accuracy(sc, np.array([p[2] for p in data.val_pairs]))
+    return two_fold_accuracy(*pair_scores(data.lfw_t, data.val_pairs))
+
+
+def load_student(path: str) -> tuple[MobiFace, dict]:
+    """A checkpoint's MobiFace (gdc head, eval mode, channels_last) and the checkpoint itself;
+    half-precision weights (the GPU sweep's data-size runs) load into fp32."""
+    st = torch.load(path, map_location="cpu", weights_only=False)
+    model = MobiFace("gdc").to(memory_format=torch.channels_last)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in st["model"].items()})
+    return model.eval(), st
 
 
 # ---------------------------------------------------------------------------- training

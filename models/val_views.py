@@ -20,8 +20,7 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from mobiface import MobiFace  # noqa: E402
-from train import Data, two_fold_accuracy  # noqa: E402
+from train import Data, load_student, pair_scores, two_fold_accuracy  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -32,23 +31,17 @@ def main(argv: list[str]) -> int:
     data = Data(0, 80)
     idx = np.array(data.val_idx)
     row = {int(j): k for k, j in enumerate(idx)}
-    y = np.array([p[2] for p in data.val_pairs])
     x = torch.from_numpy(data.lfw[idx]).permute(0, 3, 1, 2).float()
     x = ((x - 127.5) / 128).contiguous(memory_format=torch.channels_last)
     for path in argv:
-        st = torch.load(path, map_location="cpu", weights_only=False)
-        model = MobiFace("gdc").to(memory_format=torch.channels_last)
-        # half-precision checkpoints (the GPU sweep's data-size runs) load into fp32
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in st["model"].items()})
-        model.eval()
+        model, st = load_student(path)
         with torch.no_grad():
             a = torch.cat([model(x[i:i + 128]) for i in range(0, len(x), 128)])
             b = torch.cat([model(x[i:i + 128].flip(3)) for i in range(0, len(x), 128)])
         acc = {}
         for name, e in (("flip", (a + b) / 2), ("single", a)):
             e = F.normalize(e, dim=1).numpy()
-            sc = np.array([float(e[row[p]] @ e[row[q]]) for p, q, _ in data.val_pairs])
-            acc[name] = two_fold_accuracy(sc, y) * 100
+            acc[name] = two_fold_accuracy(*pair_scores(e, data.val_pairs, row)) * 100
         anti = float(((a - b).norm(dim=1) / (a + b).norm(dim=1)).median())
         print(f"{path}: step {st['step']}, validation {acc['flip']:.2f}% flip-averaged, "
               f"{acc['single']:.2f}% single view; median |f(I)-f(mI)| / |f(I)+f(mI)| {anti:.2f}",
