@@ -4,8 +4,8 @@ Untrained, seeded random weights (what the repository shipped before training):
     .venv-train/bin/python models/export.py --untrained --seed 0 --output models/mobiface.onnx
 
 Trained weights from a checkpoint written by models/train.py:
-    .venv-train/bin/python models/export.py --checkpoint models/checkpoints/best.pt \
-        --version 1.2.0 --output models/mobiface.onnx
+    .venv-train/bin/python models/export.py --checkpoint models/checkpoints/ft/swa.pt \
+        --version 1.3.0 --output models/mobiface.onnx
 then models/calibrate.py writes the thresholds into the file's metadata.
 
 Graph contract (the Rust engine relies on it):
@@ -55,8 +55,11 @@ def build_model(head: str, state: dict | None, seed: int) -> MobiFace:
 
 def training_time(st: dict) -> str:
     a = st.get("args", {})
-    return (f"{st['elapsed'] / 60:.1f} min ({a.get('device', 'cpu')}), {st['step']} steps of "
-            f"{a.get('batch')} faces (+mirrors), seed {a.get('seed')}")
+    own = (f"{st['elapsed'] / 60:.1f} min ({a.get('device', 'cpu')}), {st['step']} steps of "
+           f"{a.get('batch')} faces (+mirrors), seed {a.get('seed')}")
+    if not st.get("init"):
+        return own
+    return f"{training_time(st['init'])}; then fine-tuned {own}"
 
 
 def calibrate_batchnorm(model: MobiFace, seed: int, batches: int = 8) -> None:
@@ -192,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             meta["mobiface.objective"] += (
                 f"; plus mixup views of two training crops (teacher.py lfw-mix, {run_args['mix_ratio']:g} per "
                 "crop per epoch) distilled against the teacher's feature of the same view, with no identity loss")
+        if state.get("swa_snapshots") and not args.objective:
+            meta["mobiface.objective"] += (
+                f"; fine-tuned with the same objective at a constant learning rate "
+                f"({run_args.get('lr'):g}), weights averaged over {state['swa_snapshots']} snapshots (SWA)")
         meta["mobiface.training_time"] = training_time(state)
         if "utk" in meta["mobiface.training_data"].lower():
             meta["mobiface.licence"] = UTK_LICENCE

@@ -2,7 +2,7 @@
 
     .venv-train/bin/python models/fit_gap.py [--checkpoint models/checkpoints/best.pt]
 
-Builds verification pairs exactly like train.py's validation figure (up to 4 matched pairs per
+Builds verification pairs exactly like train.py's validation figure (up to 20 matched pairs per
 identity and as many mismatched) for (a) the held-out TRAINING identities the validation figure
 uses and (b) as many identities the student trained on, drawn at random (seeded). It prints the
 2-fold accuracy of the student (flip-averaged) and of the dlib teacher on both. The teacher saw

@@ -1,12 +1,20 @@
 """Train MobiFace by Flipped-MobiFace distillation from the dlib ResNet teacher.
 
-    make train            # = .venv-train/bin/python models/train.py --budget-minutes 120
+    make train            # this, then the fine-tune below, export and calibration
     .venv-train/bin/python models/train.py --budget-minutes 75 [--resume]
     python3 models/train.py --pack lfw-train.npz --budget-minutes 4   # a GPU without ../shared
+    .venv-train/bin/python models/train.py --init models/checkpoints/best.pt \
+        --out models/checkpoints/ft --budget-minutes 60 --batch 32 --lr 5e-4 --swa-start 0.2
 
 On a CUDA GPU the defaults become batch 256 and peak LR 5e-3 with bf16 autocast, and every
 tensor a step touches (crops, targets, augmentation) stays on the device. MobiFace 1.2.0 is the
-best checkpoint of the last command on one H200 (models/MODEL_CARD.md).
+best checkpoint of the third command on one H200; 1.3.0 is the last command's swa.pt on this
+2-core CPU, started from 1.2.0 (models/MODEL_CARD.md).
+
+--init starts from a checkpoint's weights. --swa-start keeps the learning rate at its peak after
+the warm-up and averages the weights every --swa-every steps from that fraction of the budget
+on (stochastic weight averaging); the average, with BatchNorm recomputed, is validated and
+written to swa.pt (and to best.pt where it beats every checkpoint before it).
 
 Objective, per sample I (a training crop after augmentation), with the flip-averaged feature
 f = (f(I) + f(mirror I)) / 2 (both halves in the same batch; the 512-d output before any
@@ -118,6 +126,11 @@ def read_pack(path: str):
     return [str(n) for n in z["names"]], lfw, z["lfw_t"].astype(np.float32) / 127, z["lfw_have"], mix
 
 
+# same-person validation pairs per held-out identity (and as many different-person pairs): 20
+# gives 549 + 549 pairs; with 4 (up to MobiFace 1.2.0) the 400 pairs moved 1-3 points between checks
+VAL_PAIRS_PER_ID = 20
+
+
 class Data:
     """Crops, teacher targets and mixup views; what a training step reads lives on `device`."""
 
@@ -191,7 +204,7 @@ class Data:
             v = by_id[k]
             cand = [(a, b) for ai, a in enumerate(v) for b in v[ai + 1:]]
             rng.shuffle(cand)
-            pos += [(a, b, 1) for a, b in cand[:4]]
+            pos += [(a, b, 1) for a, b in cand[:VAL_PAIRS_PER_ID]]
         while len(neg) < len(pos):
             k1, k2 = rng.sample(hs, 2)
             neg.append((rng.choice(by_id[k1]), rng.choice(by_id[k2]), 0))
@@ -310,16 +323,59 @@ def flip_feature(model: nn.Module, x: torch.Tensor, amp: bool, device) -> torch.
     return (e[: len(x)] + e[len(x):]) / 2
 
 
+def normalised(imgs_u8: np.ndarray, device) -> torch.Tensor:
+    x = torch.from_numpy(imgs_u8).permute(0, 3, 1, 2).float()
+    return ((x - 127.5) / 128.0).to(device).contiguous(memory_format=torch.channels_last)
+
+
 @torch.no_grad()
-def embed_eval(model, imgs_u8: np.ndarray, device, bs: int = 64) -> np.ndarray:
+def features(model, imgs_u8: np.ndarray, device, bs: int = 64) -> torch.Tensor:
+    """Flip-averaged features of unaugmented crops, as the service computes them (not normalised)."""
     model.eval()
-    out = []
-    for i in range(0, len(imgs_u8), bs):
-        x = torch.from_numpy(imgs_u8[i:i + bs]).permute(0, 3, 1, 2).float()
-        x = ((x - 127.5) / 128.0).to(device).contiguous(memory_format=torch.channels_last)
-        out.append(flip_feature(model, x, False, device).cpu())
+    out = [flip_feature(model, normalised(imgs_u8[i:i + bs], device), False, device)
+           for i in range(0, len(imgs_u8), bs)]
     model.train()
-    return F.normalize(torch.cat(out), dim=1).numpy()
+    return torch.cat(out)
+
+
+def embed_eval(model, imgs_u8: np.ndarray, device) -> np.ndarray:
+    return F.normalize(features(model, imgs_u8, device), dim=1).cpu().numpy()
+
+
+@torch.no_grad()
+def recalibrate_bn(model, data: "Data", device, n: int = 4096, bs: int = 128) -> None:
+    """BatchNorm statistics recomputed over unaugmented training crops and their mirrors: the
+    running statistics of averaged weights (SWA) belong to none of the averaged models."""
+    idx = np.random.default_rng(0).permutation(data.train_idx)[:n]
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over all batches
+    model.train()
+    for i in range(0, len(idx), bs):
+        x = normalised(data.lfw[idx[i:i + bs]], device)
+        model(torch.cat([x, x.flip(3)]))
+    model.eval()
+
+
+@torch.no_grad()
+def warm_start(model, proj: nn.Linear, cosface: "CosFace", data: "Data", device) -> None:
+    """Training-only heads for a checkpoint that carries only MobiFace's weights (--init): the
+    projection by ridge regression of the teacher targets on the features, and each CosFace class
+    weight at its class's mean unit feature, so the first steps do not push the body around."""
+    tr = np.array(data.train_idx)
+    f = features(model, data.lfw[tr], device).double().cpu()
+    have = data.lfw_have[tr]
+    x = torch.cat([f[have], torch.ones(int(have.sum()), 1, dtype=torch.float64)], 1)
+    t = torch.from_numpy(data.lfw_t[tr][have]).double()
+    w = torch.linalg.solve(x.T @ x + 1e-2 * torch.eye(x.shape[1], dtype=torch.float64), x.T @ t)
+    proj.weight.copy_(w[:-1].T.float())
+    proj.bias.copy_(w[-1].float())
+    fn = F.normalize(f, dim=1)
+    label = torch.from_numpy(data.lfw_label[tr])
+    sums = torch.zeros(data.n_classes, f.shape[1], dtype=torch.float64).index_add_(
+        0, label.clamp(min=0), fn * (label >= 0).unsqueeze(1).double())
+    cosface.weight.copy_(F.normalize(sums, dim=1).float())
 
 
 def two_fold_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -366,9 +422,11 @@ def load_student(path: str) -> tuple[MobiFace, dict]:
 
 
 # ---------------------------------------------------------------------------- training
-def lr_at(progress: float, peak: float, warmup: float = 0.04) -> float:
+def lr_at(progress: float, peak: float, warmup: float = 0.04, constant: bool = False) -> float:
     if progress < warmup:
         return peak * (0.1 + 0.9 * progress / warmup)
+    if constant:  # SWA explores at a fixed LR; the average does the annealing
+        return peak
     p = (progress - warmup) / (1 - warmup)
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
@@ -420,6 +478,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init", default=None,
+                    help="fine-tune: start from this checkpoint's MobiFace weights (e.g. best.pt)")
+    ap.add_argument("--swa-start", type=float, default=-1.0,
+                    help="from this fraction of the budget on, keep the LR at its peak and average "
+                         "the weights every --swa-every steps (SWA); off when negative")
+    ap.add_argument("--swa-every", type=int, default=50)
     ap.add_argument("--out", default=CKPT)
     args = ap.parse_args(argv)
 
@@ -444,12 +508,20 @@ def main(argv=None) -> int:
     data = Data(args.seed, args.val_ids, args.utk, args.mix_ratio, args.id_fraction, args.pack, device)
     # channels_last: depthwise and 1x1 convs run faster in NHWC on both CPU (oneDNN) and GPU
     model = MobiFace("gdc").to(device, memory_format=torch.channels_last)
-    # the compiled module shares the parameters; checkpoints and validation use `model` itself
-    train_fwd = torch.compile(model) if args.compile == "on" else model
     # with a bias, P absorbs the mean of the (uncentred) dlib embeddings, so f need not carry a
     # constant direction, which would collapse the cosines that verification uses
     proj = nn.Linear(512, 128, bias=True).to(device)
     cosface = CosFace(512, data.n_classes).to(device)
+    init_info = None  # how the starting checkpoint was made, for export.py's training_time
+    if args.init and not (args.resume and os.path.exists(os.path.join(args.out, "last.pt"))):
+        start, ist = load_student(args.init)
+        model.load_state_dict(start.state_dict())
+        init_info = {k: ist.get(k) for k in ("elapsed", "step", "args", "init")}
+        warm_start(model, proj, cosface, data, device)
+        log(f"initialised from {args.init}; projection and CosFace weights fitted to its features")
+    # the compiled module shares the parameters; checkpoints and validation use `model` itself
+    train_fwd = torch.compile(model) if args.compile == "on" else model
+    swa = torch.optim.swa_utils.AveragedModel(model) if args.swa_start >= 0 else None
     params = list(model.parameters()) + list(proj.parameters()) + list(cosface.parameters())
     # AdamW: the CPU budget allows only a few thousand steps, where it converges faster than SGD
     opt = torch.optim.AdamW(param_groups([model, proj, cosface], args.wd), lr=args.lr,
@@ -464,7 +536,9 @@ def main(argv=None) -> int:
         st = torch.load(last_path, map_location=device, weights_only=False)
         model.load_state_dict(st["model"]); proj.load_state_dict(st["proj"])
         cosface.load_state_dict(st["cosface"]); opt.load_state_dict(st["opt"])
-        step, epoch, pos = st["step"], st["epoch"], st["pos"]
+        if swa is not None and st.get("swa"):
+            swa.load_state_dict(st["swa"])
+        step, epoch, pos, init_info = st["step"], st["epoch"], st["pos"], st.get("init")
         elapsed_before, best, history = st["elapsed"], st["best"], st.get("history", [])
         torch.set_rng_state(st["torch_rng"])
         log(f"resumed from {last_path}: step {step}, epoch {epoch}, {elapsed_before / 60:.1f} min done, best {best:.4f}")
@@ -495,24 +569,25 @@ def main(argv=None) -> int:
     def state():
         return dict(model=model.state_dict(), step=step, epoch=epoch,
                     elapsed=elapsed_before + time.time() - t0, best=best, history=history,
-                    args=dict(vars(args), device=device.type))
+                    args=dict(vars(args), device=device.type), init=init_info,
+                    swa_snapshots=int(swa.n_averaged) if swa is not None else 0)
 
     def save_last():
         # everything --resume needs
         save(last_path, proj=proj.state_dict(), cosface=cosface.state_dict(), opt=opt.state_dict(),
-             pos=pos, torch_rng=torch.get_rng_state(), **state())
+             pos=pos, torch_rng=torch.get_rng_state(), swa=swa and swa.state_dict(), **state())
 
-    def do_val():
+    def do_val(net=model, what=""):
         nonlocal best, last_val
-        acc, gap = validate(model, data, device)
+        acc, gap = validate(net, data, device)
         el = (elapsed_before + time.time() - t0) / 60
-        history.append({"step": step, "minutes": round(el, 2), "val_acc": acc, "gap": gap})
-        log(f"VAL step {step} epoch {epoch} {el:.1f} min: held-out training-identity pairs "
+        history.append({"step": step, "minutes": round(el, 2), "val_acc": acc, "gap": gap, "what": what})
+        log(f"VAL{what} step {step} epoch {epoch} {el:.1f} min: held-out training-identity pairs "
             f"2-fold accuracy {acc * 100:.2f}% (pos-neg cosine gap {gap:.3f})")
         if acc > best:
             best = acc
             # the weights alone (about 10 MB): what export.py and fit_gap.py read
-            save(best_path, val_acc=acc, **state())
+            save(best_path, val_acc=acc, **dict(state(), model=net.state_dict(), what=what))
             log(f"new best {acc * 100:.2f}% -> {best_path}")
         last_val = time.time()
 
@@ -528,6 +603,8 @@ def main(argv=None) -> int:
         ce = cosface(f, label)
         return kd, rel, ce
 
+    if args.init and step == 0:
+        do_val(what=" (init)")  # a fine-tune is kept only where it beats its starting point
     while not stop:
         rng = np.random.default_rng(args.seed * 7919 + epoch)
         items = data.epoch_items(rng)
@@ -538,7 +615,7 @@ def main(argv=None) -> int:
             if p >= 1.0:
                 stop = True
                 break
-            lr = lr_at(p, args.lr)
+            lr = lr_at(p, args.lr, constant=swa is not None)
             for grp in opt.param_groups:
                 grp["lr"] = lr
             x, t, have, label, is_lfw = data.batch(items[pos:pos + args.batch])
@@ -559,6 +636,8 @@ def main(argv=None) -> int:
             opt.step()
             step += 1
             seen += len(x)
+            if swa is not None and p >= args.swa_start and step % args.swa_every == 0:
+                swa.update_parameters(model)
             run = {"kd": run["kd"] + kd.detach(), "rel": run["rel"] + rel.detach(),
                    "ce": run["ce"] + ce.detach(), "n": run["n"] + 1}
             if step % 20 == 0:
@@ -579,6 +658,12 @@ def main(argv=None) -> int:
             g, host_g = generators(epoch)
     do_val()
     save_last()
+    if swa is not None and swa.n_averaged > 0:
+        recalibrate_bn(swa.module, data, device)
+        log(f"SWA: the average of {int(swa.n_averaged)} snapshots, BatchNorm recomputed")
+        do_val(swa.module, " (SWA)")
+        save(os.path.join(args.out, "swa.pt"), val_acc=history[-1]["val_acc"],
+             **dict(state(), model=swa.module.state_dict(), what=" (SWA)"))
     el = elapsed_before + time.time() - t0
     log(f"TRAIN-DONE steps {step}, {el / 60:.1f} min, best validation accuracy {best * 100:.2f}% "
         f"({best_path})")
