@@ -26,7 +26,7 @@ import onnx
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mobiface import EMBEDDING_DIM, HEADS, INPUT_SIZE, MobiFace, count_params  # noqa: E402
+from mobiface import EMBEDDING_DIM, HEADS, INPUT_SIZE, MobiFace, count_params, recompute_batchnorm  # noqa: E402
 from onnx_meta import get_metadata, set_metadata  # noqa: E402,F401
 
 OPSET = 17
@@ -69,17 +69,7 @@ def calibrate_batchnorm(model: MobiFace, seed: int, batches: int = 8) -> None:
     which is awkward for any consumer's normalisation epsilon. No data is involved.
     """
     g = torch.Generator().manual_seed(seed + 12345)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the calibration batches
-    model.train()
-    with torch.no_grad():
-        for _ in range(batches):
-            model(torch.randn(16, 3, INPUT_SIZE, INPUT_SIZE, generator=g))
-    for bn in bns:
-        bn.momentum = 0.1
-    model.eval()
+    recompute_batchnorm(model, (torch.randn(16, 3, INPUT_SIZE, INPUT_SIZE, generator=g) for _ in range(batches)))
 
 
 def strip_identities(proto: onnx.ModelProto) -> None:

@@ -158,6 +158,22 @@ class MobiFace(nn.Module):
         return self.head(self.body(x))
 
 
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, batches) -> None:
+    """BatchNorm running statistics set to the exact average over `batches` (input tensors),
+    replacing whatever they held; the model is left in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average, not an exponential one
+    model.train()
+    for x in batches:
+        model(x)
+    for bn in bns:
+        bn.momentum = 0.1
+    model.eval()
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

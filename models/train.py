@@ -68,7 +68,7 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from mobiface import MobiFace, PReLU, count_params  # noqa: E402
+from mobiface import MobiFace, PReLU, count_params, recompute_batchnorm  # noqa: E402
 from teacher import (LFW_TRAIN, UTK, empty_mix, list_images, load_mix, load_teacher,  # noqa: E402
                      split_identities)
 
@@ -331,10 +331,11 @@ def normalised(imgs_u8: np.ndarray, device) -> torch.Tensor:
 @torch.no_grad()
 def features(model, imgs_u8: np.ndarray, device, bs: int = 64) -> torch.Tensor:
     """Flip-averaged features of unaugmented crops, as the service computes them (not normalised)."""
+    was_training = model.training
     model.eval()
     out = [flip_feature(model, normalised(imgs_u8[i:i + bs], device), False, device)
            for i in range(0, len(imgs_u8), bs)]
-    model.train()
+    model.train(was_training)
     return torch.cat(out)
 
 
@@ -342,20 +343,12 @@ def embed_eval(model, imgs_u8: np.ndarray, device) -> np.ndarray:
     return F.normalize(features(model, imgs_u8, device), dim=1).cpu().numpy()
 
 
-@torch.no_grad()
 def recalibrate_bn(model, data: "Data", device, n: int = 4096, bs: int = 128) -> None:
     """BatchNorm statistics recomputed over unaugmented training crops and their mirrors: the
     running statistics of averaged weights (SWA) belong to none of the averaged models."""
     idx = np.random.default_rng(0).permutation(data.train_idx)[:n]
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over all batches
-    model.train()
-    for i in range(0, len(idx), bs):
-        x = normalised(data.lfw[idx[i:i + bs]], device)
-        model(torch.cat([x, x.flip(3)]))
-    model.eval()
+    crops = (normalised(data.lfw[idx[i:i + bs]], device) for i in range(0, len(idx), bs))
+    recompute_batchnorm(model, (torch.cat([x, x.flip(3)]) for x in crops))
 
 
 @torch.no_grad()

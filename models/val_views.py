@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from train import Data, load_student, pair_scores, two_fold_accuracy  # noqa: E402
+from train import Data, load_student, normalised, pair_scores, two_fold_accuracy  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -31,8 +31,7 @@ def main(argv: list[str]) -> int:
     data = Data(0, 80)
     idx = np.array(data.val_idx)
     row = {int(j): k for k, j in enumerate(idx)}
-    x = torch.from_numpy(data.lfw[idx]).permute(0, 3, 1, 2).float()
-    x = ((x - 127.5) / 128).contiguous(memory_format=torch.channels_last)
+    x = normalised(data.lfw[idx], torch.device("cpu"))
     for path in argv:
         model, st = load_student(path)
         with torch.no_grad():
