@@ -37,6 +37,8 @@ OBJECTIVE = ("Flipped-MobiFace distillation from the dlib ResNet teacher (face-r
              "flip-averaged feature f=(f(I)+f(mirror I))/2; l2 loss ||P f + b - t||^2 with a training-only "
              "512->128 projection P against the teacher's L2-normalised feature (flip-averaged when mirror embeddings are cached); relational "
              "cosine distillation; CosFace (s=32, m=0.25) over training identities with >= 2 images")
+UTK_DATA = ("; plus unlabeled UTKFace crops (../shared/faces-extra/utkface-aligned, about 20k faces) "
+            "in the two distillation terms only (train.py --utk)")
 UTK_LICENCE = ("Trained partly on UTKFace crops, which are provided for non-commercial research "
                "purposes only; these weights inherit that restriction.")
 
@@ -60,6 +62,11 @@ def training_time(st: dict) -> str:
     if not st.get("init"):
         return own
     return f"{training_time(st['init'])}; then fine-tuned {own}"
+
+
+def used_utk(st: dict) -> bool:
+    """Whether any run in the chain of checkpoints trained on UTKFace."""
+    return bool(st.get("args", {}).get("utk")) or (bool(st.get("init")) and used_utk(st["init"]))
 
 
 def calibrate_batchnorm(model: MobiFace, seed: int, batches: int = 8) -> None:
@@ -178,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             meta["mobiface.threshold_far_1e-2"] = str(args.threshold_far_1e_2)
         if args.threshold_far_1e_3 is not None:
             meta["mobiface.threshold_far_1e-3"] = str(args.threshold_far_1e_3)
-        meta["mobiface.training_data"] = args.training_data or TRAINING_DATA
+        meta["mobiface.training_data"] = args.training_data or TRAINING_DATA + (UTK_DATA if used_utk(state) else "")
         meta["mobiface.objective"] = args.objective or OBJECTIVE
         run_args = state.get("args", {})
         if run_args.get("mix_ratio", 0) > 0 and not args.objective:
