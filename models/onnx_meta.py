@@ -25,8 +25,21 @@ def get_metadata(model: onnx.ModelProto) -> dict:
 
 if __name__ == "__main__":
     # `python models/onnx_meta.py MODEL.onnx` prints the metadata as JSON, so tests can read it
-    # without the service's own ONNX loader.
+    # without the service's own ONNX loader; `--set KEY=VALUE ... --out COPY.onnx` writes a copy
+    # with keys changed, so tests can feed the service metadata the shipped file lacks.
+    import argparse
     import json
-    import sys
 
-    print(json.dumps(get_metadata(onnx.load(sys.argv[1], load_external_data=False))))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    proto = onnx.load(args.model, load_external_data=False)
+    if args.set:
+        if not args.out:
+            ap.error("--set needs --out")
+        set_metadata(proto, dict(kv.split("=", 1) for kv in args.set))
+        onnx.save(proto, args.out)
+    else:
+        print(json.dumps(get_metadata(proto)))

@@ -39,6 +39,9 @@ impl Application {
                 "the model carries UNTRAINED seeded random weights: embeddings identify nobody"
             );
         }
+        if let Some(licence) = &info.licence {
+            tracing::warn!(model = %info.id(), "model licence: {licence}");
+        }
         let threshold = match config.threshold {
             Some(t) if !(-1.0..=1.0).contains(&t) => {
                 anyhow::bail!("--threshold must be in [-1, 1], got {t}")

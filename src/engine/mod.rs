@@ -33,6 +33,9 @@ pub struct ModelInfo {
     pub threshold: f32,
     pub threshold_far_1e2: Option<f32>,
     pub threshold_far_1e3: Option<f32>,
+    /// Terms the weights carry from their training data (e.g. non-commercial use only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub licence: Option<String>,
     #[serde(skip)]
     pub input_mean: f32,
     #[serde(skip)]
@@ -75,6 +78,7 @@ impl ModelInfo {
             threshold: number("threshold")?,
             threshold_far_1e2: optional("threshold_far_1e-2")?,
             threshold_far_1e3: optional("threshold_far_1e-3")?,
+            licence: get("licence"),
             input_mean: number("input_mean")?,
             input_scale: number("input_scale")?,
         };
@@ -271,6 +275,7 @@ mod tests {
             threshold: 0.5,
             threshold_far_1e2: None,
             threshold_far_1e3: None,
+            licence: None,
             input_mean: 127.5,
             input_scale: 128.0,
         };

@@ -9,7 +9,9 @@ use std::process::Command;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{b64, json_of, lfw_dir, manifest_dir, read, spawn_app, venv_python, TestApp};
+use crate::helpers::{
+    b64, json_of, lfw_dir, manifest_dir, read, spawn_app, spawn_app_with, venv_python, TestApp,
+};
 
 /// Pairs from `pairs-eval.txt` that the shipped model (1.3.0) gets right at its
 /// calibrated threshold (0.250), with and without flip-averaging: cosine 0.710 for
@@ -110,4 +112,39 @@ async fn trained_model_separates_a_known_same_and_different_pair() {
         "different people {DIFFERENT:?}: {d} >= {threshold}"
     );
     assert_eq!(different["match"], false, "{different}");
+}
+
+async fn readyz_model(app: &TestApp) -> Value {
+    let (status, v) = json_of(app.get("/readyz").await).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    v["model"].clone()
+}
+
+/// Weights can inherit terms from their training data (`export.py` writes
+/// `mobiface.licence` for UTKFace-trained ones); operators see them in `/readyz`.
+#[tokio::test]
+async fn readyz_reports_the_models_licence_terms() {
+    let shipped = readyz_model(&spawn_app().await).await;
+    assert_eq!(
+        shipped.get("licence").and_then(Value::as_str),
+        model_metadata().get("mobiface.licence").map(String::as_str),
+        "{shipped}"
+    );
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let copy = dir.path().join("licensed.onnx");
+    let terms = "non-commercial research use only (test)";
+    let out = Command::new(venv_python())
+        .arg(manifest_dir().join("models/onnx_meta.py"))
+        .arg(manifest_dir().join("models/mobiface.onnx"))
+        .arg("--set")
+        .arg(format!("mobiface.licence={terms}"))
+        .arg("--out")
+        .arg(&copy)
+        .output()
+        .expect("python runs");
+    assert!(out.status.success(), "onnx_meta.py --set failed: {out:?}");
+    let app = spawn_app_with(|c| c.engine.model = copy.clone()).await;
+    let model = readyz_model(&app).await;
+    assert_eq!(model["licence"], terms, "{model}");
 }
