@@ -4,6 +4,7 @@
 //! from a known different-person pair.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::process::Command;
 
 use reqwest::StatusCode;
@@ -31,13 +32,22 @@ const DIFFERENT: (&str, &str) = (
 /// The model's `mobiface.*` metadata, read with the `onnx` package rather than
 /// the service's own loader.
 fn model_metadata() -> HashMap<String, String> {
+    serde_json::from_slice(&onnx_meta(&[])).expect("metadata JSON")
+}
+
+/// `models/onnx_meta.py` on the shipped model with `args`; its stdout.
+fn onnx_meta(args: &[&OsStr]) -> Vec<u8> {
     let out = Command::new(venv_python())
         .arg(manifest_dir().join("models/onnx_meta.py"))
         .arg(manifest_dir().join("models/mobiface.onnx"))
+        .args(args)
         .output()
         .expect("python runs");
-    assert!(out.status.success(), "onnx_meta.py failed: {out:?}");
-    serde_json::from_slice(&out.stdout).expect("metadata JSON")
+    assert!(
+        out.status.success(),
+        "onnx_meta.py {args:?} failed: {out:?}"
+    );
+    out.stdout
 }
 
 fn threshold_key(meta: &HashMap<String, String>, key: &str) -> f64 {
@@ -134,16 +144,13 @@ async fn readyz_reports_the_models_licence_terms() {
     let dir = tempfile::tempdir().expect("temp dir");
     let copy = dir.path().join("licensed.onnx");
     let terms = "non-commercial research use only (test)";
-    let out = Command::new(venv_python())
-        .arg(manifest_dir().join("models/onnx_meta.py"))
-        .arg(manifest_dir().join("models/mobiface.onnx"))
-        .arg("--set")
-        .arg(format!("mobiface.licence={terms}"))
-        .arg("--out")
-        .arg(&copy)
-        .output()
-        .expect("python runs");
-    assert!(out.status.success(), "onnx_meta.py --set failed: {out:?}");
+    let set = format!("mobiface.licence={terms}");
+    onnx_meta(&[
+        "--set".as_ref(),
+        set.as_ref(),
+        "--out".as_ref(),
+        copy.as_os_str(),
+    ]);
     let app = spawn_app_with(|c| c.engine.model = copy.clone()).await;
     let model = readyz_model(&app).await;
     assert_eq!(model["licence"], terms, "{model}");
