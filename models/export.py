@@ -194,8 +194,14 @@ def main(argv: list[str] | None = None) -> int:
                 "crop per epoch) distilled against the teacher's feature of the same view, with no identity loss")
         if state.get("swa_snapshots") and not args.objective:
             meta["mobiface.objective"] += (
-                f"; fine-tuned with the same objective at a constant learning rate "
+                f"; fine-tuned at a constant learning rate "
                 f"({run_args.get('lr'):g}), weights averaged over {state['swa_snapshots']} snapshots (SWA)")
+        if run_args and not args.objective:
+            # runs differ in these (a fine-tune may drop CosFace or add mirror consistency)
+            meta["mobiface.objective"] += (
+                f"; loss weights of the last stage: l2 {run_args.get('w_kd', 8.0):g}, relational "
+                f"{run_args.get('w_rel', 4.0):g}, CosFace {run_args.get('w_ce', 0.5):g}, mirror consistency "
+                f"||f(I)/|f(I)| - f(mirror I)/|f(mirror I)|||^2 {run_args.get('w_flip', 0.0):g}")
         meta["mobiface.training_time"] = training_time(state)
         if "utk" in meta["mobiface.training_data"].lower():
             meta["mobiface.licence"] = UTK_LICENCE
