@@ -196,12 +196,13 @@ def main(argv: list[str] | None = None) -> int:
             meta["mobiface.objective"] += (
                 f"; fine-tuned at a constant learning rate "
                 f"({run_args.get('lr'):g}), weights averaged over {state['swa_snapshots']} snapshots (SWA)")
-        if run_args and not args.objective:
-            # runs differ in these (a fine-tune may drop CosFace or add mirror consistency)
+        if "w_kd" in run_args and not args.objective:
+            # runs differ in these (a fine-tune may drop CosFace or add mirror consistency);
+            # runs from before --w-flip existed had no consistency term
             meta["mobiface.objective"] += (
-                f"; loss weights of the last stage: l2 {run_args.get('w_kd', 8.0):g}, relational "
-                f"{run_args.get('w_rel', 4.0):g}, CosFace {run_args.get('w_ce', 0.5):g}, mirror consistency "
-                f"||f(I)/|f(I)| - f(mirror I)/|f(mirror I)|||^2 {run_args.get('w_flip', 0.0):g}")
+                f"; loss weights of the last stage: l2 {run_args['w_kd']:g}, relational "
+                f"{run_args['w_rel']:g}, CosFace {run_args['w_ce']:g}, mirror consistency "
+                f"||f(I)/|f(I)| - f(mirror I)/|f(mirror I)|||^2 {run_args.get('w_flip') or 0:g}")
         meta["mobiface.training_time"] = training_time(state)
         if "utk" in meta["mobiface.training_data"].lower():
             meta["mobiface.licence"] = UTK_LICENCE
