@@ -33,19 +33,19 @@ def accuracy(emb: np.ndarray, pairs) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=os.path.join(HERE, "checkpoints", "best.pt"))
-    ap.add_argument("--seed", type=int, default=0, help="the seed train.py ran with")
+    ap.add_argument("--split-seed", type=int, default=0, help="train.py's --split-seed")
     ap.add_argument("--val-ids", type=int, default=80, help="as train.py's --val-ids")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
 
-    data = Data(args.seed, args.val_ids, use_utk=False)
+    data = Data(args.split_seed, args.val_ids, use_utk=False)
     held = {data.lfw_ids[i] for i in data.val_idx}
     by_id: dict[str, list[int]] = {}
     for i in data.train_idx:
         by_id.setdefault(data.lfw_ids[i], []).append(i)
     multi = sorted(k for k, v in by_id.items() if len(v) >= 2)
-    seen = set(random.Random(args.seed + 2).sample(multi, len(held)))
-    seen_pairs = data._val_pairs(seen, by_id, args.seed)
+    seen = set(random.Random(args.split_seed + 2).sample(multi, len(held)))
+    seen_pairs = data._val_pairs(seen, by_id, args.split_seed)
 
     model, _ = load_student(args.checkpoint)
     need = sorted({i for a, b, _ in data.val_pairs + seen_pairs for i in (a, b)})

@@ -25,12 +25,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", nargs="+")
     ap.add_argument("--out")
-    ap.add_argument("--seed", type=int, default=0, help="train.py's seed: which identities are held out")
+    ap.add_argument("--split-seed", type=int, default=0, help="train.py's --split-seed")
     ap.add_argument("--val-ids", type=int, default=80)
     args = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device("cpu")
-    data = Data(args.seed, args.val_ids)
+    data = Data(args.split_seed, args.val_ids)
     loaded = [load_student(p) for p in args.checkpoints]
     states = [m.state_dict() for m, _ in loaded]
     model, record = loaded[0]

@@ -481,7 +481,10 @@ def main(argv=None) -> int:
                     help="torch.compile the training step's forward (measured here: 2x the "
                          "eager CPU throughput with channels_last; ~1 min to compile)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="data order, initialisation and augmentation")
+    ap.add_argument("--split-seed", type=int, default=0,
+                    help="which training identities are held out for validation; separate from "
+                         "--seed so that runs with different seeds are validated on the same pairs")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--init", default=None,
                     help="fine-tune: start from this checkpoint's MobiFace weights (e.g. best.pt)")
@@ -510,7 +513,7 @@ def main(argv=None) -> int:
     log(f"device {device}, bf16 autocast {amp}, compile {args.compile}, threads {args.threads}, "
         f"batch {args.batch}, budget {args.budget_minutes} min")
 
-    data = Data(args.seed, args.val_ids, args.utk, args.mix_ratio, args.id_fraction, args.pack, device)
+    data = Data(args.split_seed, args.val_ids, args.utk, args.mix_ratio, args.id_fraction, args.pack, device)
     # channels_last: depthwise and 1x1 convs run faster in NHWC on both CPU (oneDNN) and GPU
     model = MobiFace("gdc").to(device, memory_format=torch.channels_last)
     # with a bias, P absorbs the mean of the (uncentred) dlib embeddings, so f need not carry a
