@@ -565,8 +565,10 @@ def main(argv=None) -> int:
     last_val = time.time()
     last_save = time.time()
     seen = 0
+    # each loss term and its weight; the progress lines log the running mean of each term
+    weights = {"kd": args.w_kd, "rel": args.w_rel, "ce": args.w_ce, "flip": args.w_flip}
     zero = torch.zeros((), device=device)
-    run = {"kd": zero, "rel": zero, "ce": zero, "flip": zero, "n": 0}
+    run, run_steps = dict.fromkeys(weights, zero), 0
     stop = False
 
     def progress():
@@ -611,8 +613,7 @@ def main(argv=None) -> int:
         tc = F.normalize(t - data.t_mean)
         w = hv.unsqueeze(1) * hv.unsqueeze(0) * (1 - torch.eye(len(f), device=device))
         rel = (((fn @ fn.T - tc @ tc.T) ** 2) * w).sum() / w.sum().clamp(min=1)
-        ce = cosface(f, label)
-        return kd, rel, ce, cons
+        return {"kd": kd, "rel": rel, "ce": cosface(f, label), "flip": cons}
 
     if args.init and step == 0:
         do_val(what=" (init)")  # a fine-tune is kept only where it beats its starting point
@@ -633,14 +634,14 @@ def main(argv=None) -> int:
             pos += args.batch
             x = augment(x, is_lfw, g, host_g).contiguous(memory_format=torch.channels_last)
             try:
-                kd, rel, ce, cons = losses(train_fwd, x, t, have, label)
+                terms = losses(train_fwd, x, t, have, label)
             except Exception as e:  # noqa: BLE001 -- a compiler failure must not cost the run
                 if train_fwd is model:
                     raise
                 log(f"torch.compile failed ({type(e).__name__}: {e}); continuing eager")
                 train_fwd = model
-                kd, rel, ce, cons = losses(train_fwd, x, t, have, label)
-            loss = args.w_kd * kd + args.w_rel * rel + args.w_ce * ce + args.w_flip * cons
+                terms = losses(train_fwd, x, t, have, label)
+            loss = sum(weights[k] * v for k, v in terms.items())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, 5.0)
@@ -649,16 +650,14 @@ def main(argv=None) -> int:
             seen += len(x)
             if swa is not None and p >= args.swa_start and step % args.swa_every == 0:
                 swa.update_parameters(model)
-            run = {"kd": run["kd"] + kd.detach(), "rel": run["rel"] + rel.detach(),
-                   "ce": run["ce"] + ce.detach(), "flip": run["flip"] + cons.detach(), "n": run["n"] + 1}
+            run, run_steps = {k: run[k] + v.detach() for k, v in terms.items()}, run_steps + 1
             if step % 20 == 0:
                 el = time.time() - t0
-                n = run["n"]
-                log(f"step {step} ep {epoch} lr {lr:.4f} kd {run['kd'].item() / n:.4f} "
-                    f"rel {run['rel'].item() / n:.4f} cosface {run['ce'].item() / n:.3f} "
-                    f"flip {run['flip'].item() / n:.3f} | "
+                m = {k: v.item() / run_steps for k, v in run.items()}
+                log(f"step {step} ep {epoch} lr {lr:.4f} kd {m['kd']:.4f} rel {m['rel']:.4f} "
+                    f"cosface {m['ce']:.3f} flip {m['flip']:.3f} | "
                     f"{seen / el:.1f} samples/s ({2 * seen / el:.1f} img/s) | {100 * p:.1f}% of budget")
-                run = {"kd": zero, "rel": zero, "ce": zero, "flip": zero, "n": 0}
+                run, run_steps = dict.fromkeys(weights, zero), 0
             if time.time() - last_val > args.val_every_min * 60:
                 do_val()
             if time.time() - last_save > 300:
