@@ -31,6 +31,11 @@ normalisation):
     Off by default: it makes single views verify almost as well as the average but cost a point
     of flip-averaged validation in a fine-tune (model card).
 The weights are --w-kd, --w-rel, --w-ce (0 drops CosFace) and --w-flip.
+Batches are uniform draws of the training crops, which gives the relational term about 3
+same-person pairs of 496 per batch of 32 (mostly of the few people with dozens of photos);
+--id-pairs keeps one pass over every crop per epoch but lays each identity's crops out in
+adjacent twos (about 12 same-person pairs per batch), so the teacher's same-person cosines reach
+the student through the relational term too; --pos-weight W counts each such pair W times.
 With --mix-ratio R, each epoch adds R x (LFW crops) mixup views of two training crops whose own
 teacher targets teacher.py computed (--sets lfw-mix), for the two distillation terms only; off by
 default: at equal GPU time it scored lower on validation than plain crops (model card).
@@ -139,7 +144,11 @@ class Data:
     """Crops, teacher targets and mixup views; what a training step reads lives on `device`."""
 
     def __init__(self, seed: int, val_ids: int, use_utk: bool = False, mix_ratio: float = 0.0,
-                 id_fraction: float = 1.0, pack: str | None = None, device=torch.device("cpu")):
+                 id_fraction: float = 1.0, pack: str | None = None, device=torch.device("cpu"),
+                 id_pairs: bool = False):
+        if id_pairs and (use_utk or mix_ratio > 0):
+            raise SystemExit("--id-pairs orders LFW crops only: not with --utk or --mix-ratio")
+        self.id_pairs = id_pairs
         if pack:
             if use_utk:
                 raise SystemExit("--utk reads ../shared; a pack holds LFW only")
@@ -161,6 +170,7 @@ class Data:
             train_ids = sorted(random.Random(seed + 3).sample(train_ids, round(id_fraction * len(train_ids))))
         kept = set(train_ids)
         self.train_idx = [i for i in range(len(ids)) if ids[i] in kept]
+        self.train_groups = [np.array(by_id[k]) for k in train_ids]
         in_train = np.zeros(len(ids), bool)
         in_train[self.train_idx] = True
         # CosFace classes: training identities with >= 2 training images
@@ -218,7 +228,13 @@ class Data:
 
     def epoch_items(self, rng: np.random.Generator) -> torch.Tensor:
         """Shuffled (source, index) rows: 0 = LFW crop, 1 = UTKFace crop, 2 = mixup view (a fresh
-        draw of mix_ratio x the LFW count each epoch)."""
+        draw of mix_ratio x the LFW count each epoch). With id_pairs, every LFW crop still comes
+        once, but an identity's crops are shuffled and laid out in adjacent twos, so a batch holds
+        same-person pairs for the relational term (about 12 per 32 crops against 3 in random order)."""
+        if self.id_pairs:
+            groups = [m[i:i + 2] for m in map(rng.permutation, self.train_groups) for i in range(0, len(m), 2)]
+            order = np.concatenate([groups[i] for i in rng.permutation(len(groups))])
+            return torch.from_numpy(np.stack([np.zeros_like(order), order], 1)).to(self.device)
         lfw = np.stack([np.zeros(len(self.train_idx), np.int64), np.array(self.train_idx)], 1)
         utk = np.stack([np.ones_like(self.utk_rows), self.utk_rows], 1)
         n_mix = min(self.n_mix, round(self.mix_ratio * len(self.train_idx)))
@@ -468,6 +484,10 @@ def main(argv=None) -> int:
                     help="weight of the mirror-consistency term (normalised f(I) against f(mirror I))")
     ap.add_argument("--mix-ratio", type=float, default=0.0,
                     help="mixup views (teacher.py --sets lfw-mix) per LFW crop in each epoch")
+    ap.add_argument("--id-pairs", action="store_true",
+                    help="lay each identity's crops out in adjacent twos, so batches hold same-person pairs")
+    ap.add_argument("--pos-weight", type=float, default=1.0,
+                    help="weight of a same-person pair in the relational term (1: as any pair)")
     ap.add_argument("--id-fraction", type=float, default=1.0,
                     help="train on this fraction of the training identities (data-size figure)")
     ap.add_argument("--pack", default=None, help="read models/pack.py's file instead of ../shared")
@@ -513,7 +533,8 @@ def main(argv=None) -> int:
     log(f"device {device}, bf16 autocast {amp}, compile {args.compile}, threads {args.threads}, "
         f"batch {args.batch}, budget {args.budget_minutes} min")
 
-    data = Data(args.split_seed, args.val_ids, args.utk, args.mix_ratio, args.id_fraction, args.pack, device)
+    data = Data(args.split_seed, args.val_ids, args.utk, args.mix_ratio, args.id_fraction, args.pack, device,
+                args.id_pairs)
     # channels_last: depthwise and 1x1 convs run faster in NHWC on both CPU (oneDNN) and GPU
     model = MobiFace("gdc").to(device, memory_format=torch.channels_last)
     # with a bias, P absorbs the mean of the (uncentred) dlib embeddings, so f need not carry a
@@ -612,6 +633,9 @@ def main(argv=None) -> int:
         fn = F.normalize(f)
         tc = F.normalize(t - data.t_mean)
         w = hv.unsqueeze(1) * hv.unsqueeze(0) * (1 - torch.eye(len(f), device=device))
+        if args.pos_weight != 1.0:
+            same = (label.unsqueeze(1) == label.unsqueeze(0)) & (label >= 0).unsqueeze(1)
+            w = w * torch.where(same, args.pos_weight, 1.0)
         rel = (((fn @ fn.T - tc @ tc.T) ** 2) * w).sum() / w.sum().clamp(min=1)
         return {"kd": kd, "rel": rel, "ce": cosface(f, label), "flip": cons}
 
