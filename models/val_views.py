@@ -1,6 +1,6 @@
 """Validation accuracy of checkpoints with and without flip-averaging (held-out TRAINING identities).
 
-    .venv-train/bin/python models/val_views.py [--projection] [--split-seed N] CHECKPOINT [CHECKPOINT ...]
+    .venv-train/bin/python models/val_views.py [--projection] [--split-seed N] [--val-ids N] CHECKPOINT [CHECKPOINT ...]
 
 Training selects on the flip-averaged figure alone, and the Flipped-MobiFace objective only sees
 (f(I) + f(mirror I)) / 2, so nothing stops f(I) - f(mirror I) from growing: some runs end with a
@@ -35,10 +35,11 @@ def main(argv=None) -> int:
     ap.add_argument("checkpoints", nargs="+")
     ap.add_argument("--projection", action="store_true", help="also score the cosine of P f + b")
     ap.add_argument("--split-seed", type=int, default=0, help="train.py's --split-seed")
+    ap.add_argument("--val-ids", type=int, default=80, help="as train.py's --val-ids")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     cpu = torch.device("cpu")
-    data = Data(args.split_seed, 80)
+    data = Data(args.split_seed, args.val_ids)
     idx = np.array(data.val_idx)
     row = {int(j): k for k, j in enumerate(idx)}
     x = normalised(data.lfw[idx], cpu)
