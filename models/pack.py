@@ -5,8 +5,8 @@
 
 Holds the LFW training crops (re-encoded as JPEG quality 95, 4:2:0: about 41 MiB, a mean
 absolute pixel change of 0.85/255 from the shared files) and the teacher targets train.py
-builds from the caches (flip-averaged LFW targets and the mixup views, L2-normalised, as int8
-x 127). Never the eval split.
+builds from the caches (flip-averaged LFW targets and, unless --no-mix, the mixup views,
+L2-normalised, as int8 x 127). Never the eval split.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def to_i8(e: np.ndarray) -> np.ndarray:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(HERE, "cache", "gpu", "lfw-train.npz"))
+    ap.add_argument("--no-mix", action="store_true",
+                    help="leave the mixup views out (6 MiB less, for a device's 64 MiB transfer limit)")
     args = ap.parse_args(argv)
     names = list_images(LFW_TRAIN)
     blobs = []
@@ -41,15 +43,19 @@ def main(argv=None) -> int:
         Image.open(os.path.join(LFW_TRAIN, n)).convert("RGB").save(b, "JPEG", quality=95, subsampling=2)
         blobs.append(np.frombuffer(b.getvalue(), np.uint8))
     t, have = target_table(names, load_teacher("lfw"), load_teacher("lfw-mirror"))
-    mix = load_mix()
+    fields = dict(names=np.array(names), jpeg=np.concatenate(blobs),
+                  jpeg_end=np.cumsum([len(b) for b in blobs]), lfw_t=to_i8(t), lfw_have=have)
+    n_mix = 0
+    if not args.no_mix:
+        mix = load_mix()
+        n_mix = len(mix["a"])
+        fields.update(mix_a=mix["a"], mix_b=mix["b"], mix_lam=mix["lam"], mix_flip=mix["flip"],
+                      mix_t=to_i8(mix["emb"]))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     tmp = args.out + ".tmp.npz"
-    np.savez(tmp, names=np.array(names), jpeg=np.concatenate(blobs),
-             jpeg_end=np.cumsum([len(b) for b in blobs]), lfw_t=to_i8(t), lfw_have=have,
-             mix_a=mix["a"], mix_b=mix["b"], mix_lam=mix["lam"], mix_flip=mix["flip"],
-             mix_t=to_i8(mix["emb"]))
+    np.savez_compressed(tmp, **fields)  # the names shrink 2.5 MiB -> ~0.1; the JPEGs do not
     os.replace(tmp, args.out)
-    print(f"[pack] {len(names)} crops, {len(mix['a'])} mixup views -> {args.out} "
+    print(f"[pack] {len(names)} crops, {n_mix} mixup views -> {args.out} "
           f"({os.path.getsize(args.out) / 2**20:.1f} MiB)")
     return 0
 

@@ -123,15 +123,18 @@ def target_table(names, plain, mirror):
 
 
 def read_pack(path: str):
-    """models/pack.py's file: crops, LFW targets and mixup views, for machines without ../shared."""
+    """models/pack.py's file: crops, LFW targets and (unless --no-mix) mixup views, for machines without ../shared."""
     z = np.load(path)
     ends = z["jpeg_end"]
     starts = np.concatenate([[0], ends[:-1]])
     jpeg = z["jpeg"]
     lfw = np.stack([np.asarray(Image.open(io.BytesIO(jpeg[a:b].tobytes())).convert("RGB"))
                     for a, b in zip(starts, ends)])
-    mix = {k: z["mix_" + k] for k in ("a", "b", "lam", "flip")}
-    mix["emb"] = z["mix_t"].astype(np.float32) / 127
+    if "mix_a" in z.files:
+        mix = {k: z["mix_" + k] for k in ("a", "b", "lam", "flip")}
+        mix["emb"] = z["mix_t"].astype(np.float32) / 127
+    else:  # packed with --no-mix
+        mix = empty_mix()
     return [str(n) for n in z["names"]], lfw, z["lfw_t"].astype(np.float32) / 127, z["lfw_have"], mix
 
 
