@@ -40,10 +40,11 @@ fi
 run GD init-1.3.0.pt &
 sleep ${PEEK:-150}; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv; tail -q -n 1 /tmp/log_*.txt
 wait
-for n in GA GB GC GD GE; do
-    [ -f /tmp/log_$n.txt ] || continue
-    echo "== $n"; grep -E "VAL|TRAIN-DONE|SWA:|Error|error" /tmp/log_$n.txt | tail -4
+cd /tmp
+for log in log_G*.txt; do   # the runs this sweep started
+    n=${log#log_}; n=${n%.txt}
+    echo "== $n"; grep -E "VAL|TRAIN-DONE|SWA:|Error|error" $log | tail -4
     [ -f /tmp/ck/$n/swa.pt ] && cp /tmp/ck/$n/swa.pt "$OUT/swa_$n.pt"
 done
-tar czf "$OUT/logs.tgz" -C /tmp $(cd /tmp && ls log_G*.txt)
+tar czf "$OUT/logs.tgz" log_G*.txt
 ls -la "$OUT"
