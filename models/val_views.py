@@ -1,6 +1,6 @@
 """Validation accuracy of checkpoints with and without flip-averaging (held-out TRAINING identities).
 
-    .venv-train/bin/python models/val_views.py [--projection] [--split-seed N] [--val-ids N] CHECKPOINT [CHECKPOINT ...]
+    .venv-train/bin/python models/val_views.py [--projection] [--ensemble] [--split-seed N] [--val-ids N] CHECKPOINT [CHECKPOINT ...]
 
 Training selects on the flip-averaged figure alone, and the Flipped-MobiFace objective only sees
 (f(I) + f(mirror I)) / 2, so nothing stops f(I) - f(mirror I) from growing: some runs end with a
@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", nargs="+")
     ap.add_argument("--projection", action="store_true", help="also score the cosine of P f + b")
+    ap.add_argument("--ensemble", action="store_true", help="also score the mean of the checkpoints' cosines")
     ap.add_argument("--split-seed", type=int, default=0, help="train.py's --split-seed")
     ap.add_argument("--val-ids", type=int, default=80, help="as train.py's --val-ids")
     args = ap.parse_args(argv)
@@ -43,15 +44,15 @@ def main(argv=None) -> int:
     idx = np.array(data.val_idx)
     row = {int(j): k for k, j in enumerate(idx)}
     x = normalised(data.lfw[idx], cpu)
+    members = []
     for path in args.checkpoints:
         model, st = load_student(path)
         with torch.no_grad():
             a, b = map(torch.cat, zip(*(view_features(model, x[i:i + 128], False, cpu)
                                         for i in range(0, len(x), 128))))
-        acc = {}
-        for name, e in (("flip", (a + b) / 2), ("single", a)):
-            e = F.normalize(e, dim=1).numpy()
-            acc[name] = two_fold_accuracy(*pair_scores(e, data.val_pairs, row)) * 100
+        views = {"flip": F.normalize((a + b) / 2, dim=1).numpy(), "single": F.normalize(a, dim=1).numpy()}
+        members.append(views["flip"])
+        acc = {name: two_fold_accuracy(*pair_scores(e, data.val_pairs, row)) * 100 for name, e in views.items()}
         if args.projection:
             proj = torch.nn.Linear(512, 128)
             warm_start(model, proj, CosFace(512, data.n_classes), data, cpu)
@@ -62,6 +63,10 @@ def main(argv=None) -> int:
         print(f"{path}: step {st['step']}, validation {acc['flip']:.2f}% flip-averaged, "
               f"{acc['single']:.2f}% single view; median |f(I)-f(mI)| / |f(I)+f(mI)| {anti:.2f}"
               + (f"; P f + b {acc['projected']:.2f}%" if args.projection else ""), flush=True)
+    if args.ensemble:
+        e = np.concatenate(members, axis=1) / np.sqrt(len(members))
+        acc = two_fold_accuracy(*pair_scores(e, data.val_pairs, row)) * 100
+        print(f"ensemble of {len(members)}: validation {acc:.2f}% flip-averaged", flush=True)
     return 0
 
 
