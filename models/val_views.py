@@ -44,6 +44,10 @@ def main(argv=None) -> int:
     idx = np.array(data.val_idx)
     row = {int(j): k for k, j in enumerate(idx)}
     x = normalised(data.lfw[idx], cpu)
+
+    def accuracy(unit: np.ndarray) -> float:
+        return two_fold_accuracy(*pair_scores(unit, data.val_pairs, row)) * 100
+
     members = []
     for path in args.checkpoints:
         model, st = load_student(path)
@@ -52,20 +56,18 @@ def main(argv=None) -> int:
                                         for i in range(0, len(x), 128))))
         views = {"flip": F.normalize((a + b) / 2, dim=1).numpy(), "single": F.normalize(a, dim=1).numpy()}
         members.append(views["flip"])
-        acc = {name: two_fold_accuracy(*pair_scores(e, data.val_pairs, row)) * 100 for name, e in views.items()}
+        acc = {name: accuracy(e) for name, e in views.items()}
         if args.projection:
             proj = torch.nn.Linear(512, 128)
             warm_start(model, proj, CosFace(512, data.n_classes), data, cpu)
             with torch.no_grad():
-                e = F.normalize(proj((a + b) / 2), dim=1).numpy()
-            acc["projected"] = two_fold_accuracy(*pair_scores(e, data.val_pairs, row)) * 100
+                acc["projected"] = accuracy(F.normalize(proj((a + b) / 2), dim=1).numpy())
         anti = float(((a - b).norm(dim=1) / (a + b).norm(dim=1)).median())
         print(f"{path}: step {st['step']}, validation {acc['flip']:.2f}% flip-averaged, "
               f"{acc['single']:.2f}% single view; median |f(I)-f(mI)| / |f(I)+f(mI)| {anti:.2f}"
               + (f"; P f + b {acc['projected']:.2f}%" if args.projection else ""), flush=True)
     if args.ensemble:
-        e = np.concatenate(members, axis=1) / np.sqrt(len(members))
-        acc = two_fold_accuracy(*pair_scores(e, data.val_pairs, row)) * 100
+        acc = accuracy(np.concatenate(members, axis=1) / np.sqrt(len(members)))
         print(f"ensemble of {len(members)}: validation {acc:.2f}% flip-averaged", flush=True)
     return 0
 
