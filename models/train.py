@@ -322,6 +322,28 @@ def augment(x: torch.Tensor, is_lfw: torch.Tensor, g: torch.Generator, host_g: t
     return (x.clamp(0, 255) - 127.5) / 128.0
 
 
+def mix_rows(x: torch.Tensor, label: torch.Tensor, p: float, g: torch.Generator):
+    """Blend a fraction p of the crops with the next crop of the batch; blends carry no identity."""
+    B, dev = len(x), x.device
+    m = torch.rand(B, generator=g, device=dev) < p
+    lam = torch.rand(B, generator=g, device=dev).view(B, 1, 1, 1)
+    x = torch.where(m.view(B, 1, 1, 1), lam * x + (1 - lam) * x.roll(1, 0), x)
+    return x, torch.where(m, -1, label)
+
+
+@torch.no_grad()
+def online_targets(teacher, x: torch.Tensor, amp: bool, device) -> torch.Tensor:
+    """The teacher's flip-averaged unit feature of each (augmented, normalised) view, built as
+    the cached targets are: unit features of the view and its mirror, averaged, normalised."""
+    import teacher_torch
+    net, theta = teacher
+    raw = x.float() * 128.0 + 127.5
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        u = teacher_torch.teacher_features(net, theta, torch.cat([raw, raw.flip(3)]))
+    u = u.float()
+    return F.normalize(u[:len(x)] + u[len(x):], dim=1)
+
+
 # ---------------------------------------------------------------------------- model pieces
 class CosFace(nn.Module):
     def __init__(self, dim: int, n_classes: int, s: float = 32.0, m: float = 0.25):
@@ -493,6 +515,12 @@ def main(argv=None) -> int:
                     help="weight of a same-person pair in the relational term (1: as any pair)")
     ap.add_argument("--id-fraction", type=float, default=1.0,
                     help="train on this fraction of the training identities (data-size figure)")
+    ap.add_argument("--online-teacher", action="store_true",
+                    help="targets from teacher_torch.py on the very view the student sees (function matching), "
+                         "instead of the cached targets of the unaugmented crop")
+    ap.add_argument("--fm-mix", type=float, default=0.0,
+                    help="with --online-teacher: this fraction of each batch blended with another crop of it "
+                         "(mixup ratio uniform in [0, 1], no CosFace label)")
     ap.add_argument("--pack", default=None, help="read models/pack.py's file instead of ../shared")
     ap.add_argument("--val-ids", type=int, default=80, help="held-out TRAINING identities")
     ap.add_argument("--val-every-min", type=float, default=10.0)
@@ -578,6 +606,13 @@ def main(argv=None) -> int:
     tacc = teacher_val_accuracy(data)
     if tacc is not None:
         log(f"teacher (dlib) 2-fold accuracy on the validation pairs: {tacc * 100:.2f}%")
+    teacher = None
+    if args.online_teacher:
+        import teacher_torch
+        teacher = teacher_torch.load(device)
+        log(f"online teacher: {teacher_torch.WEIGHTS}, targets computed on each augmented view")
+    elif args.fm_mix:
+        raise SystemExit("--fm-mix needs --online-teacher (a blend has no cached target)")
 
     def generators(ep):
         # augmentation draws on the training device; the host one only picks the blur size
@@ -659,7 +694,11 @@ def main(argv=None) -> int:
                 grp["lr"] = lr
             x, t, have, label, is_lfw = data.batch(items[pos:pos + args.batch])
             pos += args.batch
+            if args.fm_mix:
+                x, label = mix_rows(x, label, args.fm_mix, g)
             x = augment(x, is_lfw, g, host_g).contiguous(memory_format=torch.channels_last)
+            if teacher is not None:
+                t, have = online_targets(teacher, x, amp, device), torch.ones_like(have)
             try:
                 terms = losses(train_fwd, x, t, have, label)
             except Exception as e:  # noqa: BLE001 -- a compiler failure must not cost the run
