@@ -5,7 +5,7 @@ and on the very view the student sees ("function matching", Beyer et al., 2022).
 
 dlib's Python wheel cannot hand out its weights, so they come out of its own C++ library:
 `net_to_xml` on the network type of dlib's dnn_face_recognition_ex.cpp, deserialised from
-face_recognition_models' .dat file (libdlib-dev from Debian; the program is in `dump_source()`).
+face_recognition_models' .dat file (models/dlib_dump.cpp, built against Debian's libdlib-dev).
 The conversion writes models/cache/teacher_torch.pt and checks it twice on held-out training
 crops, never on eval:
   1. on dlib's own 150x150 chips (teacher.py's chip_of), the port's features against
@@ -162,17 +162,12 @@ def fit_theta(crops_u8: np.ndarray) -> torch.Tensor:
     return torch.tensor(theta[:2], dtype=torch.float32)
 
 
-def dump_source() -> str:
-    return os.path.join(HERE, "dlib_dump.cpp")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--xml", required=True, help="net_to_xml output of dlib's .dat (see dump_source())")
+    ap.add_argument("--xml", required=True, help="net_to_xml output of dlib's .dat (models/dlib_dump.cpp)")
     ap.add_argument("--fit-crops", type=int, default=300)
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    sys.path.insert(0, HERE)
     from teacher import _load_models, chip_of
     from train import Data, pair_scores, two_fold_accuracy
 

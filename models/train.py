@@ -80,6 +80,7 @@ sys.path.insert(0, HERE)
 from mobiface import MobiFace, PReLU, count_params, recompute_batchnorm  # noqa: E402
 from teacher import (LFW_TRAIN, UTK, empty_mix, list_images, load_mix, load_teacher,  # noqa: E402
                      split_identities)
+import teacher_torch  # noqa: E402
 
 CACHE = os.path.join(HERE, "cache")
 CKPT = os.path.join(HERE, "checkpoints")
@@ -335,7 +336,6 @@ def mix_rows(x: torch.Tensor, label: torch.Tensor, p: float, g: torch.Generator)
 def online_targets(teacher, x: torch.Tensor, amp: bool, device) -> torch.Tensor:
     """The teacher's flip-averaged unit feature of each (augmented, normalised) view, built as
     the cached targets are: unit features of the view and its mirror, averaged, normalised."""
-    import teacher_torch
     net, theta = teacher
     raw = x.float() * 128.0 + 127.5
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -608,7 +608,6 @@ def main(argv=None) -> int:
         log(f"teacher (dlib) 2-fold accuracy on the validation pairs: {tacc * 100:.2f}%")
     teacher = None
     if args.online_teacher:
-        import teacher_torch
         teacher = teacher_torch.load(device)
         log(f"online teacher: {teacher_torch.WEIGHTS}, targets computed on each augmented view")
     elif args.fm_mix:
