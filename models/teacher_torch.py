@@ -93,12 +93,11 @@ def from_xml(path: str) -> DlibResNet:
     text = open(path).read()
     found = [(m.group(1), np.array(m.group(2).split(), dtype=np.float32))
              for m in re.finditer(r"<(affine_con|con|fc_no_bias)[^>]*>([^<]*)<", text)]
-    (kind, fc), layers = found[0], found[1:][::-1]
-    assert kind == "fc_no_bias"
+    (_, fc), layers = found[0], found[1:][::-1]
     net = DlibResNet()
     convs = [net.stem] + [c for b in net.blocks for c in (b.c1, b.c2)]
     affines = [net.stem_a] + [a for b in net.blocks for a in (b.a1, b.a2)]
-    if [k for k, _ in layers] != ["con", "affine_con"] * len(convs):
+    if [k for k, _ in found] != ["fc_no_bias"] + ["affine_con", "con"] * len(convs):
         raise SystemExit(f"{path}: not the layer sequence of dlib's face-recognition ResNet")
     with torch.no_grad():
         for i, (conv, aff) in enumerate(zip(convs, affines)):
@@ -126,9 +125,11 @@ def chips(crops: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(crops, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def teacher_features(net: DlibResNet, theta: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
-    """Unit 128-d teacher features of aligned crops given as float 0..255 [N, 3, 112, 112]."""
-    return F.normalize(net(chips(crops, theta)), dim=1)
+def flip_averaged(net: DlibResNet, theta: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
+    """Teacher targets of aligned crops given as float 0..255 [N, 3, 112, 112], built as
+    teacher.py's cached ones are: unit features of each crop and its mirror, averaged, normalised."""
+    u = F.normalize(net(chips(torch.cat([crops, crops.flip(3)]), theta)).float(), dim=1)
+    return F.normalize(u[:len(crops)] + u[len(crops):], dim=1)
 
 
 def fit_theta(crops_u8: np.ndarray) -> torch.Tensor:
@@ -142,12 +143,12 @@ def fit_theta(crops_u8: np.ndarray) -> torch.Tensor:
     s = 112 * UPSCALE
     yy, xx = np.mgrid[0:s, 0:s]
     coords = np.ascontiguousarray(np.stack([xx, yy, np.zeros_like(xx)], 2).astype(np.uint8))
+    r, q = np.mgrid[0:150, 0:150]
     maps = []
     for c in crops_u8:
         a = np.ascontiguousarray(np.asarray(Image.fromarray(c).resize((s, s), Image.BICUBIC)))
         shape = sp5(a, dlib.rectangle(*BOX))
         ch = dlib.get_face_chip(coords, shape, size=150, padding=0.25).astype(np.float64)
-        r, q = np.mgrid[0:150, 0:150]
         inside = (ch[..., 0] > 1) & (ch[..., 0] < s - 2) & (ch[..., 1] > 1) & (ch[..., 1] < s - 2)
         design = np.stack([q[inside], r[inside], np.ones(inside.sum())], 1)
         sol, *_ = np.linalg.lstsq(design, ch[inside][:, :2], rcond=None)
@@ -194,9 +195,7 @@ def main(argv=None) -> int:
     row = {int(j): k for k, j in enumerate(va)}
     x = torch.from_numpy(crops).permute(0, 3, 1, 2).float()
     with torch.no_grad():
-        a = teacher_features(net, theta, x)
-        b = teacher_features(net, theta, x.flip(3))
-    fixed = F.normalize(a + b, dim=1).numpy()
+        fixed = flip_averaged(net, theta, x).numpy()
     acc = two_fold_accuracy(*pair_scores(fixed, data.val_pairs, row)) * 100
     cached = two_fold_accuracy(*pair_scores(data.lfw_t[va], data.val_pairs, row)) * 100
     cos = float((fixed * data.lfw_t[va]).sum(1).mean())

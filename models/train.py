@@ -334,14 +334,9 @@ def mix_rows(x: torch.Tensor, label: torch.Tensor, p: float, g: torch.Generator)
 
 @torch.no_grad()
 def online_targets(teacher, x: torch.Tensor, amp: bool, device) -> torch.Tensor:
-    """The teacher's flip-averaged unit feature of each (augmented, normalised) view, built as
-    the cached targets are: unit features of the view and its mirror, averaged, normalised."""
-    net, theta = teacher
-    raw = x.float() * 128.0 + 127.5
+    """The teacher's target for each augmented view x (normalised as the student's input)."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        u = teacher_torch.teacher_features(net, theta, torch.cat([raw, raw.flip(3)]))
-    u = u.float()
-    return F.normalize(u[:len(x)] + u[len(x):], dim=1)
+        return teacher_torch.flip_averaged(*teacher, x.float() * 128.0 + 127.5)
 
 
 # ---------------------------------------------------------------------------- model pieces
