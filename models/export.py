@@ -56,6 +56,8 @@ def build_model(head: str, state: dict | None, seed: int) -> MobiFace:
 
 
 def training_time(st: dict) -> str:
+    if st.get("from_onnx"):  # models/from_onnx.py's rebuild: the exported model says how it was made
+        return st["from_onnx"]["meta"]["mobiface.training_time"]
     a = st.get("args", {})
     own = (f"{st['elapsed'] / 60:.1f} min ({a.get('device', 'cpu')}), {st['step']} steps of "
            f"{a.get('batch')} faces (+mirrors), seed {a.get('seed')}")
@@ -66,6 +68,8 @@ def training_time(st: dict) -> str:
 
 def used_utk(st: dict) -> bool:
     """Whether any run in the chain of checkpoints trained on UTKFace."""
+    if st.get("from_onnx"):
+        return "UTKFace" in st["from_onnx"]["meta"].get("mobiface.training_data", "")
     return bool(st.get("args", {}).get("utk")) or (bool(st.get("init")) and used_utk(st["init"]))
 
 

@@ -1,13 +1,16 @@
 #!/bin/bash
 # Function matching on a GPU (Beyer et al., 2022: the teacher scores the very view the student
-# sees, with fresh blends of two crops, for as many passes as the budget allows); prepared after
-# the CPU runs FM and FMX (models/MODEL_CARD.md), not yet run. Three runs side by side:
+# sees, with fresh blends of two crops, for as many passes as the budget allows), after the CPU
+# runs FM and FMX (models/MODEL_CARD.md). Three runs side by side:
 #   FS   from scratch (no --init; the stage-1 batch and schedule), blends on half of each batch
 #   FT   SWA fine-tune of 1.3.0, blends on half of each batch
 #   FT0  SWA fine-tune of 1.3.0, online targets without blends
-# Prepared here (the GPU machine has no ../shared and no dlib): gpu_swa.sh's carry folder plus
-#   .venv-train/bin/python -c "import torch; st = torch.load('models/cache/teacher_torch.pt', weights_only=False);
-#       st['model'] = {k: v.half() for k, v in st['model'].items()}; torch.save(st, '.cache/gpu-carry/teacher_torch.pt')"
+# Prepared here (the GPU machine has no ../shared and no dlib), in .cache/gpu-carry: the pack
+# (gpu_swa.sh's header), 1.3.0 rebuilt from the ONNX file and the converted teacher, both fp16:
+#   .venv-train/bin/python models/from_onnx.py --out models/cache/init-1.3.0.pt
+#   .venv-train/bin/python -c "import torch; h = lambda st: {**st, 'model': {k: v.half() if v.is_floating_point()
+#       else v for k, v in st['model'].items()}}; [torch.save(h(torch.load(a, weights_only=False)), '.cache/gpu-carry/' + b)
+#       for a, b in [('models/cache/teacher_torch.pt', 'teacher_torch.pt'), ('models/cache/init-1.3.0.pt', 'init-1.3.0.pt')]]"
 # There: CARRY=.cache/gpu-carry OUT=dir bash models/gpu_fm.sh     (BUDGET=minutes, default 6.5)
 set -u
 CARRY=$(realpath "${CARRY:-.cache/gpu-carry}")

@@ -571,7 +571,7 @@ def main(argv=None) -> int:
     if args.init and not (args.resume and os.path.exists(os.path.join(args.out, "last.pt"))):
         start, ist = load_student(args.init)
         model.load_state_dict(start.state_dict())
-        init_info = {k: ist.get(k) for k in ("elapsed", "step", "args", "init")}
+        init_info = {k: ist.get(k) for k in ("elapsed", "step", "args", "init", "from_onnx")}
         warm_start(model, proj, cosface, data, device)
         log(f"initialised from {args.init}; projection and CosFace weights fitted to its features")
     # the compiled module shares the parameters; checkpoints and validation use `model` itself

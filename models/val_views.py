@@ -63,7 +63,7 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 acc["projected"] = accuracy(F.normalize(proj((a + b) / 2), dim=1).numpy())
         anti = float(((a - b).norm(dim=1) / (a + b).norm(dim=1)).median())
-        print(f"{path}: step {st['step']}, validation {acc['flip']:.2f}% flip-averaged, "
+        print(f"{path}: step {st.get('step', '-')}, validation {acc['flip']:.2f}% flip-averaged, "
               f"{acc['single']:.2f}% single view; median |f(I)-f(mI)| / |f(I)+f(mI)| {anti:.2f}"
               + (f"; P f + b {acc['projected']:.2f}%" if args.projection else ""), flush=True)
     if args.ensemble:
