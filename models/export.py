@@ -66,6 +66,13 @@ def training_time(st: dict) -> str:
     return f"{training_time(st['init'])}; then fine-tuned {own}"
 
 
+def first_stage(st: dict) -> dict:
+    """The arguments of the run that started the chain of checkpoints (from scratch)."""
+    while st.get("init") and st["init"].get("args"):
+        st = st["init"]
+    return st.get("args") or {}
+
+
 def used_utk(st: dict) -> bool:
     """Whether any run in the chain of checkpoints trained on UTKFace."""
     if st.get("from_onnx"):
@@ -200,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
             meta["mobiface.objective"] += (
                 f"; fine-tuned at a constant learning rate "
                 f"({run_args.get('lr'):g}), weights averaged over {state['swa_snapshots']} snapshots (SWA)")
+        first = first_stage(state)
+        if first.get("online_teacher") and not args.objective:
+            meta["mobiface.objective"] += (
+                "; first stage without CosFace, its targets computed by the teacher's PyTorch port "
+                "(models/teacher_torch.py) on each augmented view and its mirror (function matching)"
+                + (f", {first['fm_mix']:g} of each batch blended with another crop" if first.get("fm_mix") else ""))
         if "w_kd" in run_args and not args.objective:
             # runs differ in these (a fine-tune may drop CosFace or add mirror consistency);
             # runs from before --w-flip existed had no consistency term
