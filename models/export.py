@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         first = first_stage(state)
         if first.get("online_teacher") and not args.objective:
             meta["mobiface.objective"] += (
-                "; first stage without CosFace, its targets computed by the teacher's PyTorch port "
+                "; first stage" + (" without CosFace" if first.get("w_ce") == 0 else "")
+                + ", its targets computed by the teacher's PyTorch port "
                 "(models/teacher_torch.py) on each augmented view and its mirror (function matching)"
                 + (f", {first['fm_mix']:g} of each batch blended with another crop" if first.get("fm_mix") else ""))
         if "w_kd" in run_args and not args.objective:
