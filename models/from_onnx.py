@@ -55,6 +55,8 @@ def folded_layers(proto: onnx.ModelProto):
 
 
 def training_crops(n: int, seed: int = 0) -> torch.Tensor:
+    """Crops of the whole train split, held-out validation identities included: they only pick
+    the split of each folded layer, and the eval-mode network is the ONNX one whatever they are."""
     names = list_images(LFW_TRAIN)
     pick = np.random.default_rng(seed).permutation(len(names))[:n]
     u8 = np.stack([np.asarray(Image.open(os.path.join(LFW_TRAIN, names[i])).convert("RGB")) for i in pick])
