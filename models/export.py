@@ -67,8 +67,9 @@ def training_time(st: dict) -> str:
 
 
 def first_stage(st: dict) -> dict:
-    """The arguments of the run that started the chain of checkpoints (from scratch)."""
-    while st.get("init") and st["init"].get("args"):
+    """The arguments of the run that started the chain of checkpoints from scratch; none where
+    the chain starts at a model rebuilt from an ONNX file (its metadata describes it)."""
+    while st.get("init"):
         st = st["init"]
     return st.get("args") or {}
 

@@ -1,7 +1,7 @@
 """Rebuild a training checkpoint from an exported model, for fine-tuning the shipped weights.
 
-    .venv-train/bin/python models/from_onnx.py [--model models/mobiface.onnx] --out models/cache/init-1.3.0.pt
-    .venv-train/bin/python models/train.py --init models/cache/init-1.3.0.pt ...
+    .venv-train/bin/python models/from_onnx.py [--model models/mobiface.onnx] --out models/cache/init.pt
+    .venv-train/bin/python models/train.py --init models/cache/init.pt ...
 
 Checkpoints stay out of git, so a fresh checkout holds the shipped weights only in the ONNX file,
 where the exporter has folded every Conv2d's BatchNorm into the convolution (W' = W g / sqrt(v + e),
@@ -12,8 +12,9 @@ steps and weight decay; near-silent channels keep scale 1, which also keeps ever
 half precision for the GPU carry) and sets the running statistics to those the channel then has.
 The script checks the rebuild against onnxruntime and prints how far train-mode features (a
 batch's own BatchNorm statistics) move from eval-mode ones: for 1.3.0 a median cosine of 0.80,
-where a checkpoint trained as such (the GPU run FS in models/MODEL_CARD.md) gives 0.96, so a fine-tune from a rebuild starts
-further from its eval-mode network than one from the original checkpoint would.
+where a checkpoint trained as such (the GPU run FS in models/MODEL_CARD.md) gives 0.96, so a
+fine-tune from a rebuild starts further from its eval-mode network than one from the original
+checkpoint would.
 Never reads the eval split.
 """
 
@@ -33,7 +34,9 @@ from PIL import Image
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from mobiface import MobiFace, PReLU  # noqa: E402
+from export import check_against_torch  # noqa: E402
 from teacher import LFW_TRAIN, list_images  # noqa: E402
+from train import normalised  # noqa: E402
 
 
 def folded_layers(proto: onnx.ModelProto):
@@ -60,7 +63,7 @@ def training_crops(n: int, seed: int = 0) -> torch.Tensor:
     names = list_images(LFW_TRAIN)
     pick = np.random.default_rng(seed).permutation(len(names))[:n]
     u8 = np.stack([np.asarray(Image.open(os.path.join(LFW_TRAIN, names[i])).convert("RGB")) for i in pick])
-    x = torch.from_numpy(u8).permute(0, 3, 1, 2).float().sub(127.5).div(128)
+    x = normalised(u8, torch.device("cpu"))
     return torch.cat([x, x.flip(3)])
 
 
@@ -136,12 +139,7 @@ def main(argv=None) -> int:
     crops = training_crops(args.crops)
     model = rebuild(proto, crops)
 
-    import onnxruntime as ort
-    x = crops[:8]
-    ref = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
-    with torch.no_grad():
-        got = model(x).numpy()
-    err = float(np.abs(got - ref).max() / np.abs(ref).max())
+    err = check_against_torch(model, args.model)
     print(f"[from_onnx] rebuilt {args.model} (version {meta.get('mobiface.version')}): "
           f"max relative difference to onnxruntime {err:.2e}")
     if err > 1e-4:

@@ -7,7 +7,8 @@
 #   FT0  SWA fine-tune of 1.3.0, online targets without blends
 # Prepared here (the GPU machine has no ../shared and no dlib), in .cache/gpu-carry: the pack
 # (gpu_swa.sh's header), 1.3.0 rebuilt from the ONNX file and the converted teacher, both fp16:
-#   .venv-train/bin/python models/from_onnx.py --out models/cache/init-1.3.0.pt
+#   git show 5f66f4f:models/mobiface.onnx > /tmp/mobiface-1.3.0.onnx
+#   .venv-train/bin/python models/from_onnx.py --model /tmp/mobiface-1.3.0.onnx --out models/cache/init-1.3.0.pt
 #   .venv-train/bin/python -c "import torch; h = lambda st: {**st, 'model': {k: v.half() if v.is_floating_point()
 #       else v for k, v in st['model'].items()}}; [torch.save(h(torch.load(a, weights_only=False)), '.cache/gpu-carry/' + b)
 #       for a, b in [('models/cache/teacher_torch.pt', 'teacher_torch.pt'), ('models/cache/init-1.3.0.pt', 'init-1.3.0.pt')]]"
