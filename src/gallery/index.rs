@@ -1,13 +1,40 @@
 //! In-memory exact 1:N index over the faces of the running model.
 //!
-//! Embeddings live in one contiguous row-major matrix so a search is a single
-//! linear sweep through memory (the hardware prefetcher's best case); face and
-//! subject ids sit in parallel arrays. Deletes swap the last row into the hole,
-//! so the matrix never has gaps and never needs compaction.
+//! A query reads every face, so the scan's cost is the bytes it streams. Each
+//! face is scanned as 8-bit codes with a per-face scale (a quarter of its f32
+//! bytes), on all cores, and the short list the codes cannot rule out is
+//! re-scored exactly from the face's f32 vector. The rounding error of a code
+//! is bounded, so "cannot rule out" is a proof, not a guess: the answer is the
+//! one an f32 scan of every face gives, similarities included.
+//!
+//! The f32 vectors live in a spill file (the OS page cache keeps it in memory
+//! while memory is free, and drops it under pressure), not on the heap: only
+//! the short list and 1:1 comparisons read it.
+//!
+//! Rows sit in fixed-size segments behind `Arc`s. A search takes a snapshot
+//! (a copy of the segment list, not of the rows) under the caller's read lock
+//! and scans after releasing it; a write that touches a segment a snapshot
+//! still holds copies that one segment first. Deletes swap the last row into
+//! the hole, so the rows never have gaps.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use uuid::Uuid;
+
+/// Rows per segment: a write under a concurrent search copies at most one
+/// segment (2 MiB of codes at 512-d), and a snapshot copies 245 pointers at 1M faces.
+const SEGMENT_ROWS: usize = 4096;
+/// A thread scans at least this many rows: below it, starting threads costs
+/// more than the scan.
+const ROWS_PER_THREAD: usize = 32 * 1024;
+/// f32 rows buffered before one write to the spill file (0.5 MiB at 512-d):
+/// loading a large gallery makes one system call per 256 faces, not per face.
+const TAIL_ROWS: usize = 256;
 
 /// Dot product written so the compiler vectorises it without `unsafe`: 16
 /// independent accumulators break the add dependency chain and map onto whole
@@ -41,6 +68,217 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc[0] + tail
 }
 
+/// `dot` with one side as 8-bit codes (the scale is applied by the caller).
+#[inline(always)]
+fn dot_codes(codes: &[i8], q: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0.0f32; LANES];
+    let cc = codes.chunks_exact(LANES);
+    let cq = q.chunks_exact(LANES);
+    let tail: f32 = cc
+        .remainder()
+        .iter()
+        .zip(cq.remainder())
+        .map(|(c, y)| f32::from(*c) * y)
+        .sum();
+    for (c, y) in cc.zip(cq) {
+        for i in 0..LANES {
+            acc[i] += f32::from(c[i]) * y[i];
+        }
+    }
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+        width /= 2;
+    }
+    acc[0] + tail
+}
+
+#[inline(always)]
+fn scan_rows(seg: &Segment, dim: usize, q: &[f32], out: &mut [f32]) {
+    for ((o, codes), s) in out.iter_mut().zip(seg.codes.chunks_exact(dim)).zip(&seg.scales) {
+        *o = s * dot_codes(codes, q);
+    }
+}
+
+/// The same loop compiled for AVX2 (the portable build targets SSE2 only):
+/// eight lanes per instruction instead of four.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn scan_rows_avx2(seg: &Segment, dim: usize, q: &[f32], out: &mut [f32]) {
+    scan_rows(seg, dim, q, out)
+}
+
+/// Approximate scores of one segment's rows into `out`.
+fn scan_segment(seg: &Segment, dim: usize, q: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has just been seen to support AVX2.
+        return unsafe { scan_rows_avx2(seg, dim, q, out) };
+    }
+    scan_rows(seg, dim, q, out)
+}
+
+/// 8-bit codes of `v` and their scale: `v[i] ~= scale * codes[i]`, each off by
+/// at most `scale / 2` (plus f32 rounding, covered by `Snapshot::error_bound`).
+fn quantise(v: &[f32], codes: &mut Vec<i8>) -> f32 {
+    let max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let scale = max / 127.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    codes.extend(v.iter().map(|x| (x * inv).round().clamp(-127.0, 127.0) as i8));
+    scale
+}
+
+/// One run of consecutive rows. Parallel arrays, one entry per row.
+#[derive(Debug, Default)]
+struct Segment {
+    /// Row-major, `dim` codes per row.
+    codes: Vec<i8>,
+    scales: Vec<f32>,
+    /// Slot (into `Index::subjects`) of each row's subject.
+    slots: Vec<u32>,
+    /// Where each row's f32 vector is in the spill file.
+    spill: Vec<u32>,
+    face_ids: Vec<Uuid>,
+}
+
+impl Segment {
+    fn with_rows(rows: usize, dim: usize) -> Self {
+        Self {
+            codes: Vec::with_capacity(rows * dim),
+            scales: Vec::with_capacity(rows),
+            slots: Vec::with_capacity(rows),
+            spill: Vec::with_capacity(rows),
+            face_ids: Vec::with_capacity(rows),
+        }
+    }
+    fn len(&self) -> usize {
+        self.face_ids.len()
+    }
+    fn heap_bytes(&self) -> usize {
+        self.codes.capacity()
+            + (self.scales.capacity() + self.slots.capacity() + self.spill.capacity()) * 4
+            + self.face_ids.capacity() * 16
+    }
+}
+
+// Copy-on-write keeps the capacity, so a copied segment still fills to
+// SEGMENT_ROWS without a reallocation (a derived clone would trim it).
+impl Clone for Segment {
+    fn clone(&self) -> Self {
+        fn keep<T: Clone>(v: &[T], cap: usize) -> Vec<T> {
+            let mut out = Vec::with_capacity(cap);
+            out.extend_from_slice(v);
+            out
+        }
+        Self {
+            codes: keep(&self.codes, self.codes.capacity()),
+            scales: keep(&self.scales, self.scales.capacity()),
+            slots: keep(&self.slots, self.slots.capacity()),
+            spill: keep(&self.spill, self.spill.capacity()),
+            face_ids: keep(&self.face_ids, self.face_ids.capacity()),
+        }
+    }
+}
+
+/// The f32 vectors, by spill slot, in an unlinked temporary file: nothing is
+/// left behind by a crash, and the gallery database stays the durable copy.
+#[derive(Debug)]
+struct SpillFile {
+    file: File,
+    dim: usize,
+}
+
+impl SpillFile {
+    fn create(dim: usize) -> std::io::Result<Self> {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let dir: PathBuf = std::env::temp_dir();
+        loop {
+            let path = dir.join(format!(
+                "mobiface-index-{}-{}.f32",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            ));
+            match File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(file) => {
+                    std::fs::remove_file(&path)?;
+                    return Ok(Self { file, dim });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn offset(&self, slot: u32) -> u64 {
+        u64::from(slot) * (self.dim * 4) as u64
+    }
+
+    fn write(&self, slot: u32, rows: &[f32]) -> std::io::Result<()> {
+        let bytes: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.file.write_all_at(&bytes, self.offset(slot))
+    }
+
+    fn read(&self, slot: u32, out: &mut [f32]) -> std::io::Result<()> {
+        let mut bytes = vec![0u8; out.len() * 4];
+        self.file.read_exact_at(&mut bytes, self.offset(slot))?;
+        for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        Ok(())
+    }
+}
+
+/// f32 rows of the newest spill slots, not yet written to the file.
+#[derive(Debug, Clone)]
+struct Tail {
+    start: u32,
+    data: Vec<f32>,
+}
+
+/// Where exact vectors are read from: the spill file and the unwritten tail.
+/// Shared with snapshots; a slot is only rewritten once no snapshot can name it.
+#[derive(Debug, Clone)]
+struct Vectors {
+    file: Arc<SpillFile>,
+    tail: Arc<Tail>,
+}
+
+impl Vectors {
+    fn read(&self, slot: u32, out: &mut [f32]) -> bool {
+        let dim = self.file.dim;
+        let t = &self.tail;
+        if slot >= t.start {
+            let at = (slot - t.start) as usize * dim;
+            match t.data.get(at..at + dim) {
+                Some(v) => {
+                    out.copy_from_slice(v);
+                    return true;
+                }
+                None => return false,
+            }
+        }
+        match self.file.read(slot, out) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(slot, error = %e, "cannot read a face vector from the index spill file");
+                false
+            }
+        }
+    }
+
+    fn exact(&self, slot: u32, q: &[f32], buf: &mut [f32]) -> Option<f32> {
+        self.read(slot, buf).then(|| dot(buf, q))
+    }
+}
+
 /// One subject known to the index (present even with no searchable faces, so
 /// identify can name it and verify can tell "no faces" from "unknown").
 #[derive(Debug, Clone)]
@@ -60,14 +298,19 @@ pub struct Hit {
     pub face_id: Uuid,
 }
 
+/// A subject's exact best score among the short list of a snapshot search;
+/// `Index::resolve` names it and cuts the list to `top_k`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    pub similarity: f32,
+    pub face_id: Uuid,
+}
+
 #[derive(Debug)]
 pub struct Index {
     dim: usize,
-    /// Row-major, `face_ids.len() * dim` floats.
-    data: Vec<f32>,
-    face_ids: Vec<Uuid>,
-    /// Slot (into `subjects`) of each row's subject.
-    face_subject: Vec<u32>,
+    segments: Vec<Arc<Segment>>,
+    rows: usize,
     row_of: HashMap<Uuid, u32>,
     /// Slab of subjects: a deleted subject leaves `None` and its slot is reused,
     /// so row -> slot links never need rewriting on subject deletes.
@@ -77,27 +320,67 @@ pub struct Index {
     /// Subjects with at least one searchable face, kept so identify can report
     /// the searched gallery size without walking every subject.
     nonempty: usize,
+    vectors: Vectors,
+    /// Spill slots ever handed out (the file's length in rows).
+    spill_slots: u32,
+    /// Spill slots free to reuse now.
+    free_spill: Vec<u32>,
+    /// Freed spill slots that a live snapshot may still read, oldest first,
+    /// each batch with the token of the snapshots that may hold it: a batch is
+    /// reusable once it and every older batch have no snapshot left.
+    retired: VecDeque<(Arc<()>, Vec<u32>)>,
+    /// Token cloned into every snapshot taken since the last delete.
+    epoch: Arc<()>,
+    /// Largest code scale ever stored: the error bound uses it (a stale larger
+    /// value after deletes only lengthens the short list).
+    max_scale: f32,
+}
+
+/// A point-in-time view of the rows, scanned without any lock.
+#[derive(Debug)]
+pub struct Snapshot {
+    dim: usize,
+    segments: Vec<Arc<Segment>>,
+    rows: usize,
+    slots: usize,
+    searchable: usize,
+    vectors: Vectors,
+    max_scale: f32,
+    _epoch: Arc<()>,
 }
 
 impl Index {
+    /// An empty index. Panics only if no temporary file can be created for the
+    /// spill file (tests); the service uses `try_with_capacity`.
     pub fn new(dim: usize) -> Self {
-        Self::with_capacity(dim, 0, 0)
+        Self::try_with_capacity(dim, 0, 0).expect("index spill file in the temporary folder")
     }
 
-    /// Pre-sized so loading a large gallery never reallocates (and briefly
-    /// doubles) the matrix.
-    pub fn with_capacity(dim: usize, faces: usize, subjects: usize) -> Self {
-        Self {
+    /// Pre-sized so loading a large gallery never reallocates the maps. The
+    /// spill file goes in the temporary folder (`TMPDIR`).
+    pub fn try_with_capacity(dim: usize, faces: usize, subjects: usize) -> std::io::Result<Self> {
+        Ok(Self {
             dim,
-            data: Vec::with_capacity(faces * dim),
-            face_ids: Vec::with_capacity(faces),
-            face_subject: Vec::with_capacity(faces),
+            segments: Vec::with_capacity(faces.div_ceil(SEGMENT_ROWS)),
+            rows: 0,
             row_of: HashMap::with_capacity(faces),
             subjects: Vec::with_capacity(subjects),
             slot_of: HashMap::with_capacity(subjects),
             free_slots: Vec::new(),
             nonempty: 0,
-        }
+            vectors: Vectors {
+                file: Arc::new(SpillFile::create(dim)?),
+                tail: Arc::new(Tail {
+                    start: 0,
+                    data: Vec::with_capacity(TAIL_ROWS * dim),
+                }),
+            },
+            spill_slots: 0,
+            free_spill: Vec::new(),
+            retired: VecDeque::new(),
+            epoch: Arc::new(()),
+            max_scale: 0.0,
+        })
     }
 
     pub fn dim(&self) -> usize {
@@ -106,7 +389,7 @@ impl Index {
 
     /// Searchable faces.
     pub fn faces(&self) -> usize {
-        self.face_ids.len()
+        self.rows
     }
 
     /// Subjects known to the index (with or without faces).
@@ -120,11 +403,12 @@ impl Index {
     }
 
     /// Heap bytes held by the index (capacity, not just length), for reports.
+    /// The f32 vectors are not on the heap: see `spill_bytes`.
     pub fn heap_bytes(&self) -> usize {
         let map_entry = std::mem::size_of::<(Uuid, u32)>() + 1; // hashbrown: one control byte each
-        self.data.capacity() * 4
-            + self.face_ids.capacity() * 16
-            + self.face_subject.capacity() * 4
+        self.segments.iter().map(|s| s.heap_bytes()).sum::<usize>()
+            + self.segments.capacity() * 8
+            + self.vectors.tail.data.capacity() * 4
             + self.row_of.capacity() * map_entry
             + self.slot_of.capacity() * map_entry
             + self.subjects.capacity() * std::mem::size_of::<Option<SubjectSlot>>()
@@ -136,6 +420,11 @@ impl Index {
                 .sum::<usize>()
     }
 
+    /// Bytes of f32 vectors in the spill file (page cache, then disk).
+    pub fn spill_bytes(&self) -> u64 {
+        u64::from(self.spill_slots) * (self.dim * 4) as u64
+    }
+
     pub fn has_subject(&self, id: &Uuid) -> bool {
         self.slot_of.contains_key(id)
     }
@@ -144,7 +433,7 @@ impl Index {
         self.row_of.contains_key(id)
     }
 
-    /// Current matrix row of a face (rows move on deletes).
+    /// Current row of a face (rows move on deletes).
     pub fn row_of_face(&self, id: &Uuid) -> Option<usize> {
         self.row_of.get(id).map(|&r| r as usize)
     }
@@ -192,7 +481,8 @@ impl Index {
     }
 
     /// Adds a face row. The caller guarantees `embedding.len() == dim`; a face
-    /// of an unknown subject, or a duplicate face id, is refused with `false`.
+    /// of an unknown subject, or a duplicate face id, is refused with `false`,
+    /// and so is one whose vector cannot be written to the spill file.
     pub fn add_face(&mut self, face_id: Uuid, subject_id: &Uuid, embedding: &[f32]) -> bool {
         if embedding.len() != self.dim || self.row_of.contains_key(&face_id) {
             return false;
@@ -200,11 +490,26 @@ impl Index {
         let Some(&slot) = self.slot_of.get(subject_id) else {
             return false;
         };
-        let row = self.face_ids.len() as u32;
-        self.data.extend_from_slice(embedding);
-        self.face_ids.push(face_id);
-        self.face_subject.push(slot);
-        self.row_of.insert(face_id, row);
+        let Some(spill) = self.store_vector(embedding) else {
+            return false;
+        };
+        let row = self.rows;
+        if row / SEGMENT_ROWS == self.segments.len() {
+            // The first segment grows as needed (small galleries stay small);
+            // later ones are allocated whole.
+            let rows = if row == 0 { 0 } else { SEGMENT_ROWS };
+            self.segments
+                .push(Arc::new(Segment::with_rows(rows, self.dim)));
+        }
+        let seg = Arc::make_mut(&mut self.segments[row / SEGMENT_ROWS]);
+        let scale = quantise(embedding, &mut seg.codes);
+        seg.scales.push(scale);
+        seg.slots.push(slot);
+        seg.spill.push(spill);
+        seg.face_ids.push(face_id);
+        self.max_scale = self.max_scale.max(scale);
+        self.rows += 1;
+        self.row_of.insert(face_id, row as u32);
         if let Some(s) = self.subjects[slot as usize].as_mut() {
             if s.faces.is_empty() {
                 self.nonempty += 1;
@@ -219,7 +524,7 @@ impl Index {
         let Some(&row) = self.row_of.get(face_id) else {
             return false;
         };
-        let slot = self.face_subject[row as usize];
+        let slot = self.at(row as usize).0.slots[row as usize % SEGMENT_ROWS];
         if let Some(s) = self.subjects[slot as usize].as_mut() {
             s.faces.retain(|f| f != face_id);
             if s.faces.is_empty() {
@@ -229,24 +534,115 @@ impl Index {
         self.remove_row(face_id)
     }
 
+    fn at(&self, row: usize) -> (&Segment, usize) {
+        (&self.segments[row / SEGMENT_ROWS], row % SEGMENT_ROWS)
+    }
+
     /// Swap-remove: the last row moves into the hole, and its map entry follows.
     fn remove_row(&mut self, face_id: &Uuid) -> bool {
         let Some(row) = self.row_of.remove(face_id) else {
             return false;
         };
-        let row = row as usize;
-        let last = self.face_ids.len() - 1;
+        let (row, last, dim) = (row as usize, self.rows - 1, self.dim);
+        let spill = {
+            let (seg, i) = self.at(row);
+            seg.spill[i]
+        };
+        self.free_vector(spill);
         if row != last {
-            let (d, dim) = (&mut self.data, self.dim);
-            d.copy_within(last * dim..(last + 1) * dim, row * dim);
-            self.face_ids[row] = self.face_ids[last];
-            self.face_subject[row] = self.face_subject[last];
-            self.row_of.insert(self.face_ids[row], row as u32);
+            let (ls, li) = (last / SEGMENT_ROWS, last % SEGMENT_ROWS);
+            let src = &self.segments[ls];
+            let codes = src.codes[li * dim..(li + 1) * dim].to_vec();
+            let (scale, slot, spill, id) =
+                (src.scales[li], src.slots[li], src.spill[li], src.face_ids[li]);
+            let (i, dst) = (row % SEGMENT_ROWS, Arc::make_mut(&mut self.segments[row / SEGMENT_ROWS]));
+            dst.codes[i * dim..(i + 1) * dim].copy_from_slice(&codes);
+            dst.scales[i] = scale;
+            dst.slots[i] = slot;
+            dst.spill[i] = spill;
+            dst.face_ids[i] = id;
+            self.row_of.insert(id, row as u32);
         }
-        self.data.truncate(last * self.dim);
-        self.face_ids.truncate(last);
-        self.face_subject.truncate(last);
+        let li = last % SEGMENT_ROWS;
+        let seg = Arc::make_mut(&mut self.segments[last / SEGMENT_ROWS]);
+        seg.codes.truncate(li * dim);
+        seg.scales.truncate(li);
+        seg.slots.truncate(li);
+        seg.spill.truncate(li);
+        seg.face_ids.truncate(li);
+        if li == 0 {
+            self.segments.pop();
+        }
+        self.rows = last;
         true
+    }
+
+    /// Writes an f32 vector to a free spill slot; `None` if the file refuses it.
+    fn store_vector(&mut self, v: &[f32]) -> Option<u32> {
+        self.reclaim_spill();
+        if let Some(slot) = self.free_spill.pop() {
+            // No snapshot can name a reclaimed slot, so rewriting it in place is safe.
+            let start = self.vectors.tail.start;
+            if slot >= start {
+                let at = (slot - start) as usize * self.dim;
+                Arc::make_mut(&mut self.vectors.tail).data[at..at + self.dim].copy_from_slice(v);
+                return Some(slot);
+            }
+            return match self.vectors.file.write(slot, v) {
+                Ok(()) => Some(slot),
+                Err(e) => {
+                    self.free_spill.push(slot);
+                    tracing::error!(error = %e, "cannot write a face vector to the index spill file");
+                    None
+                }
+            };
+        }
+        let slot = self.spill_slots;
+        Arc::make_mut(&mut self.vectors.tail)
+            .data
+            .extend_from_slice(v);
+        self.spill_slots += 1;
+        let tail = &self.vectors.tail;
+        if tail.data.len() >= TAIL_ROWS * self.dim {
+            // On failure the rows stay in the tail (readable, just not on
+            // disk) and the next full tail tries again.
+            match self.vectors.file.write(tail.start, &tail.data) {
+                Ok(()) => {
+                    self.vectors.tail = Arc::new(Tail {
+                        start: self.spill_slots,
+                        data: Vec::with_capacity(TAIL_ROWS * self.dim),
+                    })
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot write face vectors to the index spill file")
+                }
+            }
+        }
+        Some(slot)
+    }
+
+    /// Snapshots taken so far may still read the slot: it waits for them.
+    fn free_vector(&mut self, slot: u32) {
+        if Arc::strong_count(&self.epoch) > 1 {
+            let held = std::mem::replace(&mut self.epoch, Arc::new(()));
+            self.retired.push_back((held, vec![slot]));
+        } else if let Some((_, slots)) = self.retired.back_mut() {
+            // Only older snapshots remain; the newest batch waits for all of them.
+            slots.push(slot);
+        } else {
+            self.free_spill.push(slot);
+        }
+    }
+
+    fn reclaim_spill(&mut self) {
+        while let Some((epoch, _)) = self.retired.front() {
+            if Arc::strong_count(epoch) > 1 {
+                break;
+            }
+            if let Some((_, slots)) = self.retired.pop_front() {
+                self.free_spill.extend(slots);
+            }
+        }
     }
 
     pub fn subject(&self, id: &Uuid) -> Option<&SubjectSlot> {
@@ -255,17 +651,21 @@ impl Index {
             .and_then(|&s| self.subjects[s as usize].as_ref())
     }
 
-    fn row(&self, row: usize) -> &[f32] {
-        &self.data[row * self.dim..(row + 1) * self.dim]
-    }
-
     /// Best similarity of `query` over a subject's searchable faces, with the
-    /// face that gave it; `None` when the subject has no searchable face.
+    /// face that gave it (exact, from the f32 vectors); `None` when the subject
+    /// has no searchable face.
     pub fn best_for_subject(&self, subject: &SubjectSlot, query: &[f32]) -> Option<(f32, Uuid)> {
+        if query.len() != self.dim {
+            return None;
+        }
+        let mut buf = vec![0f32; self.dim];
         let mut best: Option<(f32, Uuid)> = None;
         for f in &subject.faces {
-            if let Some(&row) = self.row_of.get(f) {
-                let s = dot(self.row(row as usize), query);
+            let Some(&row) = self.row_of.get(f) else {
+                continue;
+            };
+            let (seg, i) = self.at(row as usize);
+            if let Some(s) = self.vectors.exact(seg.spill[i], query, &mut buf) {
                 if best.is_none_or(|(b, _)| s > b) {
                     best = Some((s, *f));
                 }
@@ -274,75 +674,82 @@ impl Index {
         best
     }
 
-    /// Exact 1:N search: every face is compared; a subject scores its best face;
-    /// the `top_k` best subjects at or above `threshold` come back, best first
-    /// (ties broken by subject id so the order is deterministic).
-    pub fn search(&self, query: &[f32], top_k: usize, threshold: f32) -> Vec<Hit> {
-        if top_k == 0 || query.len() != self.dim || self.face_ids.is_empty() {
-            return Vec::new();
+    /// A view of the current rows for a search run outside the caller's lock.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            dim: self.dim,
+            segments: self.segments.clone(),
+            rows: self.rows,
+            slots: self.subjects.len(),
+            searchable: self.nonempty,
+            vectors: self.vectors.clone(),
+            max_scale: self.max_scale,
+            _epoch: self.epoch.clone(),
         }
-        let mut best = vec![f32::NEG_INFINITY; self.subjects.len()];
-        let mut best_row = vec![u32::MAX; self.subjects.len()];
-        for (row, (v, &slot)) in self
-            .data
-            .chunks_exact(self.dim)
-            .zip(&self.face_subject)
-            .enumerate()
-        {
-            let s = dot(v, query);
-            let b = &mut best[slot as usize];
-            if s > *b {
-                *b = s;
-                best_row[slot as usize] = row as u32;
-            }
-        }
-        let mut cands: Vec<(f32, u32)> = best
-            .iter()
-            .enumerate()
-            .filter(|&(i, &s)| best_row[i] != u32::MAX && s >= threshold)
-            .map(|(i, &s)| (s, i as u32))
-            .collect();
-        let id_of = |slot: u32| {
-            self.subjects[slot as usize]
-                .as_ref()
-                .map(|s| s.id)
-                .unwrap_or_default()
-        };
-        let order = |a: &(f32, u32), b: &(f32, u32)| {
-            b.0.total_cmp(&a.0)
-                .then_with(|| id_of(a.1).cmp(&id_of(b.1)))
-        };
-        if cands.len() > top_k {
-            cands.select_nth_unstable_by(top_k - 1, order);
-            cands.truncate(top_k);
-        }
-        cands.sort_unstable_by(order);
-        cands
+    }
+
+    /// Names a snapshot search's candidates and keeps the `top_k` best
+    /// (ties broken by subject id so the order is deterministic). A face
+    /// deleted since the snapshot is left out.
+    pub fn resolve(&self, candidates: Vec<Candidate>, top_k: usize) -> Vec<Hit> {
+        let mut hits: Vec<Hit> = candidates
             .into_iter()
-            .filter_map(|(s, slot)| {
-                let subj = self.subjects[slot as usize].as_ref()?;
+            .filter_map(|c| {
+                let &row = self.row_of.get(&c.face_id)?;
+                let (seg, i) = self.at(row as usize);
+                let subj = self.subjects[seg.slots[i] as usize].as_ref()?;
                 Some(Hit {
                     subject_id: subj.id,
                     name: subj.name.clone(),
-                    similarity: s,
-                    face_id: self.face_ids[best_row[slot as usize] as usize],
+                    similarity: c.similarity,
+                    face_id: c.face_id,
                 })
             })
-            .collect()
+            .collect();
+        hits.sort_unstable_by(|a, b| {
+            b.similarity
+                .total_cmp(&a.similarity)
+                .then_with(|| a.subject_id.cmp(&b.subject_id))
+        });
+        hits.truncate(top_k);
+        hits
+    }
+
+    /// Exact 1:N search: every face is compared; a subject scores its best face;
+    /// the `top_k` best subjects at or above `threshold` come back, best first
+    /// (ties broken by subject id). Runs under the caller's borrow; a server
+    /// uses `snapshot` and `resolve` to scan without holding its lock.
+    pub fn search(&self, query: &[f32], top_k: usize, threshold: f32) -> Vec<Hit> {
+        self.resolve(self.snapshot().search(query, top_k, threshold), top_k)
     }
 
     /// Checks every internal link; used by tests after mixed updates.
     #[cfg(test)]
     pub fn check_consistent(&self) {
-        assert_eq!(self.data.len(), self.face_ids.len() * self.dim);
-        assert_eq!(self.face_ids.len(), self.face_subject.len());
-        assert_eq!(self.row_of.len(), self.face_ids.len());
-        for (row, id) in self.face_ids.iter().enumerate() {
-            assert_eq!(self.row_of[id] as usize, row);
-            let slot = self.subjects[self.face_subject[row] as usize]
+        let rows: usize = self.segments.iter().map(|s| s.len()).sum();
+        assert_eq!(rows, self.rows);
+        assert_eq!(self.row_of.len(), self.rows);
+        for (n, seg) in self.segments.iter().enumerate() {
+            assert!(seg.len() <= SEGMENT_ROWS);
+            if n + 1 < self.segments.len() {
+                assert_eq!(seg.len(), SEGMENT_ROWS, "only the last segment is partial");
+            }
+            assert_eq!(seg.codes.len(), seg.len() * self.dim);
+            assert_eq!(seg.scales.len(), seg.len());
+            assert_eq!(seg.slots.len(), seg.len());
+            assert_eq!(seg.spill.len(), seg.len());
+        }
+        let mut spill_seen = std::collections::HashSet::new();
+        for row in 0..self.rows {
+            let (seg, i) = self.at(row);
+            let id = seg.face_ids[i];
+            assert_eq!(self.row_of[&id] as usize, row);
+            assert!(spill_seen.insert(seg.spill[i]), "spill slot shared");
+            assert!(!self.free_spill.contains(&seg.spill[i]), "live slot is free");
+            let slot = self.subjects[seg.slots[i] as usize]
                 .as_ref()
                 .expect("row points at a live subject");
-            assert!(slot.faces.contains(id));
+            assert!(slot.faces.contains(&id));
         }
         let nonempty = self
             .subjects
@@ -352,13 +759,136 @@ impl Index {
             .count();
         assert_eq!(nonempty, self.nonempty);
         let listed: usize = self.subjects.iter().flatten().map(|s| s.faces.len()).sum();
-        assert_eq!(listed, self.face_ids.len());
+        assert_eq!(listed, self.rows);
         for (id, &slot) in &self.slot_of {
             assert_eq!(
                 self.subjects[slot as usize].as_ref().map(|s| s.id),
                 Some(*id)
             );
         }
+    }
+}
+
+impl Snapshot {
+    /// Subjects with a searchable face when the snapshot was taken.
+    pub fn searchable_subjects(&self) -> usize {
+        self.searchable
+    }
+
+    /// Faces when the snapshot was taken.
+    pub fn faces(&self) -> usize {
+        self.rows
+    }
+
+    /// Largest possible gap between a face's code score and its exact f32
+    /// score for this query: half a code step per value (times |q|_1), plus
+    /// f32 rounding in both dot products (n * eps relative, n = dim).
+    fn error_bound(&self, q: &[f32]) -> f32 {
+        let l1: f32 = q.iter().map(|x| x.abs()).sum();
+        let gamma = self.dim as f32 * f32::EPSILON;
+        // A code is at most 127 steps, so |x| <= 127 * scale bounds each sum's size.
+        (self.max_scale * l1 * (0.5 + 2.0 * 127.0 * gamma)) * 1.01 + 1e-6
+    }
+
+    /// Code scores of every row, in row order, on up to all cores.
+    fn scan(&self, q: &[f32]) -> Vec<f32> {
+        let mut scores = vec![0f32; self.rows];
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(self.rows / ROWS_PER_THREAD)
+            .max(1);
+        let chunks: Vec<(&Arc<Segment>, &mut [f32])> =
+            self.segments.iter().zip(scores.chunks_mut(SEGMENT_ROWS)).collect();
+        if threads == 1 {
+            for (seg, out) in chunks {
+                scan_segment(seg, self.dim, q, out);
+            }
+            return scores;
+        }
+        let per = chunks.len().div_ceil(threads);
+        let mut groups: Vec<Vec<(&Arc<Segment>, &mut [f32])>> = Vec::new();
+        let mut it = chunks.into_iter().peekable();
+        while it.peek().is_some() {
+            groups.push(it.by_ref().take(per).collect());
+        }
+        std::thread::scope(|s| {
+            let mut groups = groups.into_iter();
+            let mine = groups.next();
+            for g in groups {
+                s.spawn(move || {
+                    for (seg, out) in g {
+                        scan_segment(seg, self.dim, q, out);
+                    }
+                });
+            }
+            for (seg, out) in mine.into_iter().flatten() {
+                scan_segment(seg, self.dim, q, out);
+            }
+        });
+        scores
+    }
+
+    /// The exact search of `Index::search` without names: each subject whose
+    /// best face may be in the top `top_k` at or above `threshold`, with its
+    /// exact best similarity. Every subject of the exact answer is in it, with
+    /// the exact answer's face and similarity; pass it to `Index::resolve`.
+    pub fn search(&self, query: &[f32], top_k: usize, threshold: f32) -> Vec<Candidate> {
+        if top_k == 0 || query.len() != self.dim || self.rows == 0 {
+            return Vec::new();
+        }
+        let scores = self.scan(query);
+        let rows = || {
+            self.segments
+                .iter()
+                .flat_map(|s| s.slots.iter().zip(&s.spill).zip(&s.face_ids))
+                .zip(&scores)
+        };
+        // Each subject's best code score; the k-th best of those is within
+        // `bound` of the exact k-th best subject score.
+        let mut best = vec![f32::NEG_INFINITY; self.slots];
+        for (((&slot, _), _), &s) in rows() {
+            let b = &mut best[slot as usize];
+            *b = b.max(s);
+        }
+        let mut tops: Vec<f32> = best.into_iter().filter(|s| s.is_finite()).collect();
+        let kth = if tops.len() >= top_k {
+            let (_, kth, _) = tops.select_nth_unstable_by(top_k - 1, |a, b| b.total_cmp(a));
+            *kth
+        } else {
+            f32::NEG_INFINITY
+        };
+        // A face whose exact score reaches the answer (at least the exact k-th
+        // best and the threshold) has a code score at least this.
+        let bound = self.error_bound(query);
+        let cutoff = (kth - 2.0 * bound).max(threshold - bound);
+        let mut exact: HashMap<u32, Candidate> = HashMap::new();
+        let mut buf = vec![0f32; self.dim];
+        for (((&slot, &spill), &face_id), &s) in rows() {
+            if s < cutoff {
+                continue;
+            }
+            let Some(similarity) = self.vectors.exact(spill, query, &mut buf) else {
+                continue;
+            };
+            // Written so a NaN (never stored by the gallery) is skipped too.
+            if !(similarity >= threshold) {
+                continue;
+            }
+            // Rows in order and a strict `>`: a subject's first best face wins, as in a plain scan.
+            let e = exact.entry(slot).or_insert(Candidate {
+                similarity: f32::NEG_INFINITY,
+                face_id,
+            });
+            if similarity > e.similarity {
+                *e = Candidate {
+                    similarity,
+                    face_id,
+                };
+            }
+        }
+        let mut out: Vec<Candidate> = exact.into_values().collect();
+        out.sort_unstable_by(|a, b| b.similarity.total_cmp(&a.similarity));
+        out
     }
 }
 
@@ -582,5 +1112,146 @@ pub(crate) mod tests {
             idx.best_for_subject(&slot, &[0.6, 0.8, 0.0, 0.0]),
             Some((0.6, f))
         );
+    }
+
+    /// Exact f32 scan with the index's own `dot`: the answer must match it bit for bit.
+    fn f32_scan(faces: &[(Uuid, Uuid, Vec<f32>)], q: &[f32], k: usize) -> Vec<(Uuid, f32, Uuid)> {
+        let mut best: HashMap<Uuid, (f32, Uuid)> = HashMap::new();
+        for (fid, sid, v) in faces {
+            let s = dot(v, q);
+            let e = best.entry(*sid).or_insert((f32::NEG_INFINITY, *fid));
+            if s > e.0 {
+                *e = (s, *fid);
+            }
+        }
+        let mut all: Vec<(Uuid, f32, Uuid)> = best.into_iter().map(|(s, (v, f))| (s, v, f)).collect();
+        all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        all.truncate(k);
+        all
+    }
+
+    #[test]
+    fn near_ties_below_the_code_step_are_ranked_exactly() {
+        // Faces a hair apart (1e-4 per value, far below one 8-bit step of
+        // ~1e-3) get nearly the same code score; only the exact re-rank can
+        // order them, and one missed by the short list would change the answer.
+        let mut rng = StdRng::seed_from_u64(21);
+        let base = unit(&mut rng, DIM);
+        let mut idx = Index::new(DIM);
+        let mut faces = Vec::new();
+        for i in 0..(2 * SEGMENT_ROWS + 100) {
+            let sid = Uuid::new_v4();
+            idx.add_subject(sid, format!("s{i}"));
+            let noise = unit(&mut rng, DIM);
+            let amount = if i % 3 == 0 { 1e-4 } else { 0.8 };
+            let mut v: Vec<f32> = base.iter().zip(&noise).map(|(a, b)| a + amount * b).collect();
+            let n = dot(&v, &v).sqrt();
+            v.iter_mut().for_each(|x| *x /= n);
+            let fid = Uuid::new_v4();
+            assert!(idx.add_face(fid, &sid, &v));
+            faces.push((fid, sid, v));
+        }
+        for k in [1, 10, 100] {
+            let got = idx.search(&base, k, -1.0);
+            let want = f32_scan(&faces, &base, k);
+            let got: Vec<(Uuid, f32, Uuid)> =
+                got.iter().map(|h| (h.subject_id, h.similarity, h.face_id)).collect();
+            assert_eq!(got, want, "top-{k}");
+        }
+    }
+
+    #[test]
+    fn a_snapshot_keeps_its_faces_while_writers_reuse_their_slots() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let (mut idx, mut faces, _) = build(&mut rng, 50, 600);
+        let (gone, _, gone_v) = faces.swap_remove(17);
+        let snap = idx.snapshot();
+        // Deletes and enrolments go ahead while the snapshot is alive: they
+        // copy what they touch instead of waiting for the search.
+        assert!(idx.remove_face(&gone));
+        let sid = faces[0].1;
+        for _ in 0..TAIL_ROWS * 2 {
+            let v = unit(&mut rng, DIM);
+            let fid = Uuid::new_v4();
+            assert!(idx.add_face(fid, &sid, &v));
+            faces.push((fid, sid, v));
+        }
+        idx.check_consistent();
+        // The snapshot still reads the deleted face's own vector (its slot was
+        // not handed to a new face), and resolving drops it as deleted.
+        let old = snap.search(&gone_v, 1, -1.0);
+        assert_eq!(old[0].face_id, gone);
+        assert_eq!(old[0].similarity, dot(&gone_v, &gone_v));
+        assert!(idx.resolve(old, 1).iter().all(|h| h.face_id != gone));
+        assert_eq!(snap.faces(), 600);
+        drop(snap);
+        // Once the snapshot is gone the slot is reused, and answers stay exact.
+        let v = unit(&mut rng, DIM);
+        let fid = Uuid::new_v4();
+        assert!(idx.add_face(fid, &sid, &v));
+        faces.push((fid, sid, v.clone()));
+        assert!(idx.free_spill.is_empty() && idx.retired.is_empty());
+        idx.check_consistent();
+        for q in [v, gone_v, unit(&mut rng, DIM)] {
+            assert_same(
+                &idx.search(&q, 10, -1.0),
+                &naive(&faces, |_| true, &q, 10, -1.0),
+            );
+        }
+    }
+
+    #[test]
+    fn enrolment_is_not_stalled_by_concurrent_searches() {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::RwLock;
+        // Searches scan outside the lock (snapshot, scan, resolve), as the
+        // gallery runs them; a writer interleaves adds and deletes meanwhile.
+        let mut rng = StdRng::seed_from_u64(9);
+        let (idx, faces, _) = build(&mut rng, 300, 3 * SEGMENT_ROWS);
+        let lock = RwLock::new(idx);
+        let done = AtomicBool::new(false);
+        let queries: Vec<Vec<f32>> = (0..4).map(|_| unit(&mut rng, DIM)).collect();
+        let mut faces = faces;
+        std::thread::scope(|s| {
+            for q in &queries {
+                let (lock, done) = (&lock, &done);
+                s.spawn(move || {
+                    while !done.load(Ordering::Relaxed) {
+                        let snap = lock.read().expect("lock").snapshot();
+                        let cands = snap.search(q, 5, -1.0);
+                        let hits = lock.read().expect("lock").resolve(cands, 5);
+                        assert!(hits.windows(2).all(|w| w[0].similarity >= w[1].similarity));
+                    }
+                });
+            }
+            for i in 0..400 {
+                let mut idx = lock.write().expect("lock");
+                if i % 4 == 3 {
+                    let (fid, _, _) = faces.swap_remove(rng.random_range(0..faces.len()));
+                    assert!(idx.remove_face(&fid));
+                } else {
+                    let sid = faces[rng.random_range(0..faces.len())].1;
+                    let v = unit(&mut rng, DIM);
+                    let fid = Uuid::new_v4();
+                    assert!(idx.add_face(fid, &sid, &v));
+                    faces.push((fid, sid, v));
+                }
+            }
+            done.store(true, Ordering::Relaxed);
+        });
+        let idx = lock.into_inner().expect("lock");
+        idx.check_consistent();
+        for q in &queries {
+            assert_same(&idx.search(q, 20, -1.0), &naive(&faces, |_| true, q, 20, -1.0));
+        }
+    }
+
+    #[test]
+    fn heap_holds_a_fraction_of_the_f32_vectors() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let (idx, _, _) = build(&mut rng, 10, 2 * SEGMENT_ROWS);
+        let f32_bytes = 2 * SEGMENT_ROWS * DIM * 4;
+        assert!(idx.heap_bytes() < f32_bytes * 6 / 10, "{} of {f32_bytes}", idx.heap_bytes());
+        assert_eq!(idx.spill_bytes(), f32_bytes as u64);
     }
 }

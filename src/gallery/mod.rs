@@ -487,9 +487,13 @@ impl Gallery {
         check_embedding(&query, self.inner.dim)?;
         check_search_params(top_k, threshold)?;
         self.blocking(move |inner| {
-            let idx = inner.read();
-            let matches = idx
-                .search(&query, top_k, threshold)
+            // The scan runs on a snapshot with the lock released, so enrolments
+            // and deletes are not held up for the length of a search.
+            let snapshot = inner.read().snapshot();
+            let candidates = snapshot.search(&query, top_k, threshold);
+            let matches = inner
+                .read()
+                .resolve(candidates, top_k)
                 .into_iter()
                 .map(|h| Match {
                     subject_id: h.subject_id,
@@ -500,7 +504,7 @@ impl Gallery {
                 .collect();
             Ok(Identified {
                 matches,
-                gallery_size: idx.searchable_subjects(),
+                gallery_size: snapshot.searchable_subjects(),
             })
         })
         .await

@@ -135,7 +135,9 @@ pub fn load_index(
         |r| r.get(0),
     )?;
     let n_subjects: i64 = conn.query_row("SELECT count(*) FROM subjects", [], |r| r.get(0))?;
-    let mut index = Index::with_capacity(dim, n_faces.max(0) as usize, n_subjects.max(0) as usize);
+    let mut index =
+        Index::try_with_capacity(dim, n_faces.max(0) as usize, n_subjects.max(0) as usize)
+            .context("cannot create the index's spill file in the temporary folder")?;
     let mut report = LoadReport::default();
 
     let mut stmt = conn.prepare("SELECT id, name FROM subjects ORDER BY seq")?;
