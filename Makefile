@@ -8,7 +8,7 @@ VENV := .venv
 VENV_TRAIN := .venv-train
 export ORT_DYLIB_PATH ?= $(abspath $(ORT_LIB))
 
-.PHONY: run test bench train ort venv venv-train lint fmt prometheus-tools teacher-torch
+.PHONY: run test bench bench-venv train ort venv venv-train lint fmt prometheus-tools teacher-torch
 
 ## ONNX Runtime shared library, taken out of the PyPI wheel (the ort crate's own download cannot reach its host).
 ort: $(ORT_LIB)
@@ -95,8 +95,21 @@ train: venv-train venv
 	$(VENV_TRAIN)/bin/python models/export.py --checkpoint models/checkpoints/ft/swa.pt --version $(MODEL_VERSION) --output models/mobiface.onnx
 	$(VENV)/bin/python models/calibrate.py --model models/mobiface.onnx --write
 
-## Benchmarks (not tests; numbers vary by machine): engine throughput and latency
-## across worker layouts and batch caps, then 1:N search next to FAISS IndexFlatIP.
-bench: ort
-	cargo run --release --locked --example bench_embed -- $(or $(BENCH_SECONDS),4)
-	bash benches/gallery_search.sh
+## Benchmarks (not tests; numbers vary by machine). The service next to the peer a user would
+## write (FastAPI + onnxruntime, benches/peer_server.py) and bare onnxruntime, quiet and with a
+## CPU-bound process beside it; then 1:N search next to FAISS IndexFlatIP. About 12 minutes with
+## the default BENCH_SECONDS (per load case); `make bench BENCH_SECONDS=3 GALLERY_SIZES=10000` is quick.
+BENCH_SECONDS ?= 8
+GALLERY_SIZES ?= 10000,100000,1000000
+BENCH_VENV := target/bench-venv
+bench-venv: $(BENCH_VENV)/.done
+$(BENCH_VENV)/.done: benches/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet -r benches/requirements.txt
+	touch $@
+
+bench: ort bench-venv
+	cargo build --release --locked --bin mobiface --example loadgen
+	$(BENCH_VENV)/bin/python benches/peer_bench.py --seconds $(BENCH_SECONDS)
+	$(BENCH_VENV)/bin/python benches/peer_bench.py --seconds $(BENCH_SECONDS) --busy --out target/bench-peer-busy.json
+	BENCH_VENV=$(BENCH_VENV) SIZES=$(GALLERY_SIZES) bash benches/gallery_search.sh

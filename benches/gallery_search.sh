@@ -14,7 +14,7 @@ PYTHON=${PYTHON:-python3}
 
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import faiss, numpy" 2>/dev/null; then
     "$PYTHON" -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet faiss-cpu==1.15.1 numpy
+    "$VENV/bin/pip" install --quiet -r benches/requirements.txt
 fi
 mkdir -p "$OUT"
 cargo bench --bench gallery_search -- --out "$OUT" --sizes "$SIZES" \

@@ -57,6 +57,10 @@ pub struct EngineConfig {
     /// ONNX Runtime intra-op threads per session (0 = ONNX Runtime decides).
     #[arg(long, env = "MOBIFACE_INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
+    /// Let ONNX Runtime's intra-op threads spin-wait for work between operators
+    /// instead of sleeping.
+    #[arg(long, env = "MOBIFACE_ORT_SPINNING", default_value_t = false, action = clap::ArgAction::Set)]
+    pub ort_spinning: bool,
     /// Most images per model run, mirror copies included. Default: 2 on the CPU (one face
     /// and its mirror: measured here, larger CPU batches lower throughput and raise
     /// latency), 64 on GPU providers, where batching pays.

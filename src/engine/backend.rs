@@ -63,6 +63,9 @@ impl OrtBackend {
             .map_err(|e| anyhow!("{e}"))?
             .with_optimization_level(GraphOptimizationLevel::Level3)
             .map_err(|e| anyhow!("{e}"))?;
+        builder = builder
+            .with_intra_op_spinning(cfg.ort_spinning)
+            .map_err(|e| anyhow!("{e}"))?;
         if cfg.intra_threads > 0 {
             builder = builder
                 .with_intra_threads(cfg.intra_threads)
