@@ -162,6 +162,18 @@ def main():
         if hog:
             hog.kill()
 
+    with open(os.path.join(ROOT, a.out), "w") as fh:
+        json.dump({"busy": a.busy, "seconds": a.seconds,
+                   "results": {n: {f"{c}x{f}": r for (c, f), r in v.items()} for n, v in results.items()},
+                   "peak_rss_mib": rss, "raw_ort": raw}, fh, indent=1)
+
+    def num(v, fmt):
+        return format(v, fmt) if isinstance(v, (int, float)) and v == v else "n/a"
+
+    def ratio(x, y, width):
+        ok = all(isinstance(v, (int, float)) and v == v for v in (x, y)) and y
+        return f"{x / y:>{width}.2f}" if ok else f"{'n/a':>{width}}"
+
     print()
     print(f"/embed, closed loop, {a.seconds:g} s per case, aligned LFW crops, flip on; peer: FastAPI + "
           f"onnxruntime, {a.threads} intra-op threads; load: {'a CPU-bound process beside it' if a.busy else 'no other process of ours'}")
@@ -172,8 +184,10 @@ def main():
             base = results["peer"][(c, f)]
             for s in ["peer"] + [x.name for x in services]:
                 r = results[s][(c, f)]
-                ratio = "" if s == "peer" else f"{r['faces_per_s'] / base['faces_per_s']:>14.2f} {r['p99_ms'] / base['p99_ms']:>10.2f}"
-                print(f"{s:<44} {c:>7} {f:>9} {r['faces_per_s']:>8.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {ratio}")
+                rel = "" if s == "peer" else (f"{ratio(r['faces_per_s'], base['faces_per_s'], 14)} "
+                                              f"{ratio(r['p99_ms'], base['p99_ms'], 10)}")
+                print(f"{s:<44} {c:>7} {f:>9} {num(r['faces_per_s'], '8.1f')} {num(r['p50_ms'], '8.1f')} "
+                      f"{num(r['p99_ms'], '8.1f')} {rel}")
     print()
     print("peak RSS (VmHWM): " + "; ".join(f"{n} {v:.0f} MiB" + ("" if n == "peer" else f" ({v / rss['peer']:.2f}x peer)")
                                            for n, v in rss.items()))
@@ -188,10 +202,6 @@ def main():
         best = max(results[s.name][(c, f)]["faces_per_s"] for c in callers for f in faces)
         print(f"{s.name}: best /embed {best:.1f} faces/s = {best / best_raw:.2f}x raw onnxruntime's "
               f"{best_raw:.1f} faces/s (batch 2 = a face and its mirror, best of the settings above)")
-    with open(os.path.join(ROOT, a.out), "w") as fh:
-        json.dump({"busy": a.busy, "seconds": a.seconds,
-                   "results": {n: {f"{c}x{f}": r for (c, f), r in v.items()} for n, v in results.items()},
-                   "peak_rss_mib": rss, "raw_ort": raw}, fh, indent=1)
 
 
 if __name__ == "__main__":

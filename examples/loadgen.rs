@@ -59,7 +59,9 @@ fn bodies(a: &Args) -> anyhow::Result<Vec<bytes::Bytes>> {
         .collect::<Result<_, _>>()?;
     Ok((0..64)
         .map(|i| {
-            let images: Vec<&String> = (0..a.faces).map(|j| &b64[(i * a.faces + j) % b64.len()]).collect();
+            let images: Vec<&String> = (0..a.faces)
+                .map(|j| &b64[(i * a.faces + j) % b64.len()])
+                .collect();
             let body = serde_json::json!({ "images": images, "flip": !a.no_flip });
             bytes::Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
         })

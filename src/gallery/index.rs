@@ -199,7 +199,10 @@ fn quantise(v: &[f32], codes: &mut Vec<i8>) -> f32 {
     let max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
     let scale = max / 127.0;
     let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-    codes.extend(v.iter().map(|x| (x * inv).round().clamp(-127.0, 127.0) as i8));
+    codes.extend(
+        v.iter()
+            .map(|x| (x * inv).round().clamp(-127.0, 127.0) as i8),
+    );
     scale
 }
 
@@ -626,9 +629,16 @@ impl Index {
             let (ls, li) = (last / SEGMENT_ROWS, last % SEGMENT_ROWS);
             let src = &self.segments[ls];
             let codes = src.codes[li * dim..(li + 1) * dim].to_vec();
-            let (scale, slot, spill, id) =
-                (src.scales[li], src.slots[li], src.spill[li], src.face_ids[li]);
-            let (i, dst) = (row % SEGMENT_ROWS, Arc::make_mut(&mut self.segments[row / SEGMENT_ROWS]));
+            let (scale, slot, spill, id) = (
+                src.scales[li],
+                src.slots[li],
+                src.spill[li],
+                src.face_ids[li],
+            );
+            let (i, dst) = (
+                row % SEGMENT_ROWS,
+                Arc::make_mut(&mut self.segments[row / SEGMENT_ROWS]),
+            );
             dst.codes[i * dim..(i + 1) * dim].copy_from_slice(&codes);
             dst.scales[i] = scale;
             dst.slots[i] = slot;
@@ -818,7 +828,10 @@ impl Index {
             let id = seg.face_ids[i];
             assert_eq!(self.row_of[&id] as usize, row);
             assert!(spill_seen.insert(seg.spill[i]), "spill slot shared");
-            assert!(!self.free_spill.contains(&seg.spill[i]), "live slot is free");
+            assert!(
+                !self.free_spill.contains(&seg.spill[i]),
+                "live slot is free"
+            );
             let slot = self.subjects[seg.slots[i] as usize]
                 .as_ref()
                 .expect("row points at a live subject");
@@ -875,8 +888,11 @@ impl Snapshot {
             .map_or(1, |n| n.get())
             .min(self.rows / ROWS_PER_THREAD)
             .max(1);
-        let chunks: Vec<(&Arc<Segment>, &mut [f32])> =
-            self.segments.iter().zip(scores.chunks_mut(SEGMENT_ROWS)).collect();
+        let chunks: Vec<(&Arc<Segment>, &mut [f32])> = self
+            .segments
+            .iter()
+            .zip(scores.chunks_mut(SEGMENT_ROWS))
+            .collect();
         if threads == 1 {
             for (seg, out) in chunks {
                 scan_segment(seg, self.dim, q, out);
@@ -944,8 +960,8 @@ impl Snapshot {
             let Some(similarity) = self.vectors.exact(spill, query, &mut buf) else {
                 continue;
             };
-            // Written so a NaN (never stored by the gallery) is skipped too.
-            if !(similarity >= threshold) {
+            // A NaN (never stored by the gallery) is skipped too.
+            if similarity.is_nan() || similarity < threshold {
                 continue;
             }
             // Rows in order and a strict `>`: a subject's first best face wins, as in a plain scan.
@@ -1061,19 +1077,31 @@ pub(crate) mod tests {
         for len in [0, 1, 31, 32, 33, 63, 64, 65, 100, 512, 515] {
             let c: Vec<i8> = (0..len).map(|_| rng.random_range(-127..=127)).collect();
             let q: Vec<i16> = (0..len).map(|_| rng.random_range(-32767..=32767)).collect();
-            let want: i64 = c.iter().zip(&q).map(|(a, b)| i64::from(*a) * i64::from(*b)).sum();
+            let want: i64 = c
+                .iter()
+                .zip(&q)
+                .map(|(a, b)| i64::from(*a) * i64::from(*b))
+                .sum();
             assert_eq!(i64::from(dot_codes(&c, &q)), want, "len {len}");
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2") {
                 // SAFETY: AVX2 is present.
-                assert_eq!(i64::from(unsafe { dot_codes_avx2(&c, &q) }), want, "avx2, len {len}");
+                assert_eq!(
+                    i64::from(unsafe { dot_codes_avx2(&c, &q) }),
+                    want,
+                    "avx2, len {len}"
+                );
             }
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512vnni")
             {
                 // SAFETY: both extensions are present.
-                assert_eq!(i64::from(unsafe { dot_codes_vnni(&c, &q) }), want, "vnni, len {len}");
+                assert_eq!(
+                    i64::from(unsafe { dot_codes_vnni(&c, &q) }),
+                    want,
+                    "vnni, len {len}"
+                );
             }
         }
     }
@@ -1221,7 +1249,8 @@ pub(crate) mod tests {
                 *e = (s, *fid);
             }
         }
-        let mut all: Vec<(Uuid, f32, Uuid)> = best.into_iter().map(|(s, (v, f))| (s, v, f)).collect();
+        let mut all: Vec<(Uuid, f32, Uuid)> =
+            best.into_iter().map(|(s, (v, f))| (s, v, f)).collect();
         all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         all.truncate(k);
         all
@@ -1241,7 +1270,11 @@ pub(crate) mod tests {
             idx.add_subject(sid, format!("s{i}"));
             let noise = unit(&mut rng, DIM);
             let amount = if i % 3 == 0 { 1e-4 } else { 0.8 };
-            let mut v: Vec<f32> = base.iter().zip(&noise).map(|(a, b)| a + amount * b).collect();
+            let mut v: Vec<f32> = base
+                .iter()
+                .zip(&noise)
+                .map(|(a, b)| a + amount * b)
+                .collect();
             let n = dot(&v, &v).sqrt();
             v.iter_mut().for_each(|x| *x /= n);
             let fid = Uuid::new_v4();
@@ -1251,8 +1284,10 @@ pub(crate) mod tests {
         for k in [1, 10, 100] {
             let got = idx.search(&base, k, -1.0);
             let want = f32_scan(&faces, &base, k);
-            let got: Vec<(Uuid, f32, Uuid)> =
-                got.iter().map(|h| (h.subject_id, h.similarity, h.face_id)).collect();
+            let got: Vec<(Uuid, f32, Uuid)> = got
+                .iter()
+                .map(|h| (h.subject_id, h.similarity, h.face_id))
+                .collect();
             assert_eq!(got, want, "top-{k}");
         }
     }
@@ -1339,7 +1374,10 @@ pub(crate) mod tests {
         let idx = lock.into_inner().expect("lock");
         idx.check_consistent();
         for q in &queries {
-            assert_same(&idx.search(q, 20, -1.0), &naive(&faces, |_| true, q, 20, -1.0));
+            assert_same(
+                &idx.search(q, 20, -1.0),
+                &naive(&faces, |_| true, q, 20, -1.0),
+            );
         }
     }
 
@@ -1348,7 +1386,11 @@ pub(crate) mod tests {
         let mut rng = StdRng::seed_from_u64(3);
         let (idx, _, _) = build(&mut rng, 10, 2 * SEGMENT_ROWS);
         let f32_bytes = 2 * SEGMENT_ROWS * DIM * 4;
-        assert!(idx.heap_bytes() < f32_bytes * 6 / 10, "{} of {f32_bytes}", idx.heap_bytes());
+        assert!(
+            idx.heap_bytes() < f32_bytes * 6 / 10,
+            "{} of {f32_bytes}",
+            idx.heap_bytes()
+        );
         assert_eq!(idx.spill_bytes(), f32_bytes as u64);
     }
 }
