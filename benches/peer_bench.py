@@ -11,7 +11,7 @@ and 2 threads), so the service's overhead over the bare model is a number.
 With --busy, a CPU-bound process runs beside everything (one core's worth).
 
 usage: python benches/peer_bench.py [--seconds 10] [--busy]
-           [--service "" --service "--workers 2 --intra-threads 1" ...]
+           [--service "" --service "--workers 1 --intra-threads 0" ...]
 """
 import argparse
 import json
@@ -112,7 +112,7 @@ def main():
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--busy", action="store_true", help="run a CPU-bound process beside everything")
     p.add_argument("--service", action="append", help="extra `serve` flags, one engine layout per use "
-                   "(default: the defaults, and --workers 2 --intra-threads 1)")
+                   "(default: the defaults, and one worker with ONNX Runtime choosing its threads)")
     p.add_argument("--callers", default="1,8,32")
     p.add_argument("--faces", default="1,8")
     p.add_argument("--threads", type=int, default=2, help="the peer's intra-op threads")
@@ -122,7 +122,7 @@ def main():
     p.add_argument("--crops", default="../shared/lfw/eval-aligned")
     p.add_argument("--out", default="target/bench-peer.json")
     a = p.parse_args()
-    layouts = a.service if a.service else ["", "--workers 2 --intra-threads 1"]
+    layouts = a.service if a.service else ["", "--workers 1 --intra-threads 0"]
     callers = [int(c) for c in a.callers.split(",")]
     faces = [int(f) for f in a.faces.split(",")]
 
