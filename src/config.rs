@@ -81,6 +81,83 @@ impl EngineConfig {
     }
 }
 
+/// Where the gallery lives: a SQLite file (one replica), or a PostgreSQL
+/// server shared by several replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    Sqlite(PathBuf),
+    /// A `postgres://` or `postgresql://` connection URL.
+    Postgres(String),
+}
+
+impl std::str::FromStr for Database {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let lower = s.to_ascii_lowercase();
+        Ok(
+            if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
+                Database::Postgres(s.to_string())
+            } else {
+                Database::Sqlite(PathBuf::from(s))
+            },
+        )
+    }
+}
+
+impl std::fmt::Display for Database {
+    /// The URL's password, if any, is shown as `***`: this goes to logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite(p) => write!(f, "{}", p.display()),
+            Database::Postgres(url) => f.write_str(&redact_url(url)),
+        }
+    }
+}
+
+impl Serialize for Database {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// `postgres://user:secret@host/db` -> `postgres://user:***@host/db`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some(parts) => parts,
+        None => return url.to_string(),
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+/// The gallery's storage and, with PostgreSQL, its replication.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct GalleryConfig {
+    /// SQLite gallery file (its folder is created if missing), or a `postgres://` URL for a
+    /// gallery shared by several replicas.
+    #[arg(long, env = "MOBIFACE_DATABASE", default_value = "data/gallery.db")]
+    pub database: Database,
+    /// PostgreSQL connections this replica may hold (besides its one change-log listener).
+    #[arg(long, env = "MOBIFACE_DB_POOL_SIZE", default_value_t = 8)]
+    pub db_pool_size: usize,
+    /// How long a request waits for a pooled PostgreSQL connection before 503, in ms.
+    #[arg(long, env = "MOBIFACE_DB_POOL_TIMEOUT_MS", default_value_t = 2000)]
+    pub db_pool_timeout_ms: u64,
+    /// PostgreSQL: a replica re-reads the change log at least this often even when no
+    /// notification arrives, bounding how stale its index can get, in ms.
+    #[arg(long, env = "MOBIFACE_CATCHUP_INTERVAL_MS", default_value_t = 1000)]
+    pub catchup_interval_ms: u64,
+    /// PostgreSQL: change-log rows older than this are pruned even if a replica has not
+    /// applied them (that replica then reloads the whole gallery), in seconds.
+    #[arg(long, env = "MOBIFACE_CHANGE_LOG_MAX_AGE_S", default_value_t = 86_400)]
+    pub change_log_max_age_s: u64,
+}
+
 /// Everything `mobiface serve` takes.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct Config {
@@ -89,9 +166,8 @@ pub struct Config {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub engine: EngineConfig,
-    /// SQLite gallery file; its folder is created if missing.
-    #[arg(long, env = "MOBIFACE_DATABASE", default_value = "data/gallery.db")]
-    pub database: PathBuf,
+    #[command(flatten)]
+    pub gallery: GalleryConfig,
     /// Match threshold on cosine similarity; default: the model's calibrated `mobiface.threshold`.
     #[arg(long, env = "MOBIFACE_THRESHOLD", allow_negative_numbers = true)]
     pub threshold: Option<f32>,

@@ -34,6 +34,8 @@ pub enum ErrorKind {
     QueueFull,
     /// Server is shutting down or the model is not ready.
     Unavailable,
+    /// The gallery's database (PostgreSQL) cannot be reached: retry shortly.
+    DatabaseUnavailable,
     Timeout,
     Internal,
 }
@@ -58,6 +60,7 @@ impl ErrorKind {
             RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             QueueFull => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),
             Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            DatabaseUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
             Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -66,7 +69,9 @@ impl ErrorKind {
     /// Seconds a client should wait before retrying, for the kinds where retrying helps.
     fn retry_after(self) -> Option<u32> {
         match self {
-            ErrorKind::QueueFull | ErrorKind::RateLimited => Some(1),
+            ErrorKind::QueueFull | ErrorKind::RateLimited | ErrorKind::DatabaseUnavailable => {
+                Some(1)
+            }
             ErrorKind::Unavailable => Some(5),
             _ => None,
         }

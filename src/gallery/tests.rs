@@ -19,13 +19,13 @@ fn open(path: &Path) -> Gallery {
 /// Writes rows straight into the file, bypassing the gallery (as another
 /// model's service, or a bulk import, would have).
 fn raw_insert(path: &Path, subjects: &[Uuid], faces: &[(Uuid, Uuid, Vec<f32>, &str)]) {
-    let conn = store::open(path).expect("open raw");
+    let conn = sqlite::open(path).expect("open raw");
     let tx = conn.unchecked_transaction().expect("tx");
     for (i, s) in subjects.iter().enumerate() {
-        store::insert_subject(&tx, s, &format!("subject {i}"), "{}").expect("subject");
+        sqlite::insert_subject(&tx, s, &format!("subject {i}"), "{}").expect("subject");
     }
     for (f, s, v, model) in faces {
-        assert!(store::insert_face(&tx, f, s, v, model)
+        assert!(sqlite::insert_face(&tx, f, s, v, model)
             .expect("face")
             .is_some());
     }
@@ -54,7 +54,7 @@ fn migrations_are_idempotent_and_pragmas_set() {
     let dir = tempfile::tempdir().expect("tempdir");
     // A missing folder is created.
     let path = dir.path().join("nested/deeper/gallery.db");
-    let conn = store::open(&path).expect("first open");
+    let conn = sqlite::open(&path).expect("first open");
     let versions: Vec<String> = conn
         .prepare("SELECT version FROM schema_migrations ORDER BY version")
         .expect("prepare")
@@ -70,12 +70,12 @@ fn migrations_are_idempotent_and_pragmas_set() {
             .collect::<Vec<_>>()
     );
     assert_eq!(
-        store::migrate(&conn).expect("re-run"),
+        sqlite::migrate(&conn).expect("re-run"),
         0,
         "nothing left to apply"
     );
     drop(conn);
-    let conn = store::open(&path).expect("second open applies nothing and does not fail");
+    let conn = sqlite::open(&path).expect("second open applies nothing and does not fail");
     let n: i64 = conn
         .query_row("SELECT count(*) FROM schema_migrations", [], |r| r.get(0))
         .expect("count");
@@ -199,7 +199,7 @@ async fn writes_survive_reopen_and_deletes_stick() {
         "deleted subject never returned"
     );
     // Cascade removed Alice's faces from the file, not only from the index.
-    let conn = store::open(&path).expect("raw");
+    let conn = sqlite::open(&path).expect("raw");
     let n: i64 = conn
         .query_row(
             "SELECT count(*) FROM faces WHERE subject_id = ?1",

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use clap::Parser;
 use mobiface::api::AppState;
-use mobiface::config::Config;
+use mobiface::config::{Config, Database};
 use mobiface::startup::Application;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -64,7 +64,10 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Config)) -> TestApp {
     let db_path = dir.path().join("gallery.db");
     let mut config = test_config(&db_path);
     customise(&mut config);
-    let db_path = config.database.clone();
+    let db_path = match &config.gallery.database {
+        Database::Sqlite(path) => path.clone(),
+        Database::Postgres(_) => PathBuf::new(),
+    };
     let app = Application::build(config)
         .await
         .expect("application builds");
