@@ -2,18 +2,15 @@
 //! identify, verify, deletes, concurrency, model tagging, durability across
 //! SIGKILL of the real binary, and bad input.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
+use mobiface::config::Database;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use mobiface::config::Database;
 use uuid::Uuid;
 
 use crate::helpers::{
-    b64, eval_crops, json_of, lfw_dir, manifest_dir, read, spawn_app, spawn_app_with, TestApp,
+    Server, b64, eval_crops, json_of, lfw_dir, read, spawn_app, spawn_app_both, spawn_app_with, TestApp,
 };
 
 /// Identities of the evaluation split with at least `min` images, sorted,
@@ -83,7 +80,13 @@ fn matches(v: &Value) -> &Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrolled_identities_identify_and_verify_as_themselves() {
-    let app = spawn_app().await;
+    // Both backends.
+    for app in spawn_app_both().await {
+        enrolled_identities_on(app).await;
+    }
+}
+
+async fn enrolled_identities_on(app: TestApp) {
     let crowd = people(20, 2);
     let mut enrolled = Vec::new();
     for (name, files) in &crowd {
@@ -242,7 +245,13 @@ async fn multipart_enrol_identify_and_verify() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_enrolment_and_identification_end_consistent() {
-    let app = spawn_app().await;
+    // Both backends.
+    for app in spawn_app_both().await {
+        concurrent_on(app).await;
+    }
+}
+
+async fn concurrent_on(app: TestApp) {
     let crowd = people(24, 1);
     // Half enrolled up front so identify has something to find from the start.
     let mut subjects = Vec::new();
@@ -368,72 +377,6 @@ async fn faces_of_another_model_are_reported_but_never_searched() {
     let v = identify(&app, crop, 5, -1.0).await;
     assert_eq!(matches(&v).len(), 1);
     assert_eq!(matches(&v)[0]["face_id"], fid.as_str());
-}
-
-/// The real binary as a child process on a chosen database file.
-struct Server {
-    child: Child,
-    address: String,
-}
-
-impl Server {
-    fn start(db: &Path) -> Server {
-        let root = manifest_dir();
-        let dylib = std::env::var("ORT_DYLIB_PATH")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| root.join("third_party/onnxruntime/libonnxruntime.so.1.31.1"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mobiface"))
-            .arg("serve")
-            .arg("--listen=127.0.0.1:0")
-            .arg(format!(
-                "--model={}",
-                root.join("models/mobiface.onnx").display()
-            ))
-            .arg(format!("--ort-dylib={}", dylib.display()))
-            .arg(format!("--database={}", db.display()))
-            .arg("--log-format=json")
-            .env("RUST_LOG", "info")
-            .env_remove("MOBIFACE_API_KEYS_FILE")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("binary starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Keeps draining the log so the child never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    if v["message"] == "listening" {
-                        if let Some(a) = v["address"].as_str() {
-                            let _ = tx.send(a.to_string());
-                        }
-                    }
-                }
-            }
-        });
-        let address = rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("the server logs `listening` with its address");
-        Server {
-            child,
-            address: format!("http://{address}"),
-        }
-    }
-
-    /// SIGKILL (what `Child::kill` sends on Unix): no shutdown path, no
-    /// checkpoint, no flush.
-    fn kill9(self) {
-        drop(self);
-    }
-}
-
-impl Drop for Server {
-    // Also on a failed assertion, so no server outlives its test.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -564,7 +507,13 @@ type Case<'a> = (
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_gallery_input_gets_clear_4xx() {
-    let app = spawn_app().await;
+    // Both backends.
+    for app in spawn_app_both().await {
+        bad_input_on(app).await;
+    }
+}
+
+async fn bad_input_on(app: TestApp) {
     let crop = b64(&read(&eval_crops(1)[0]));
     let sid = create_subject(&app, "kept").await;
     let fid = enrol(&app, &sid, &eval_crops(1)[0]).await;

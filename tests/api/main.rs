@@ -3,4 +3,5 @@ mod embed;
 mod gallery;
 mod helpers;
 mod ops;
+mod replicas;
 mod trained;
