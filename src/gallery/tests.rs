@@ -864,3 +864,39 @@ async fn a_replica_cut_off_catches_up_from_the_log() {
     let c = db.open().await;
     converge(url, &[&a, &b, &c]).await;
 }
+
+/// The SQLite WAL is checkpointed in normal use. `INSERT ... RETURNING` read
+/// with `query_row` committed but never stepped to DONE, so SQLite never ran
+/// its auto-checkpoint and the WAL grew ~72 KB per face (about 140 MB here);
+/// only a subject delete (a plain `execute`) checkpointed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_wal_stays_bounded_over_2000_enrolments() {
+    /// The 4 MiB auto-checkpoint and size limit, plus room for a commit.
+    const WAL_BOUND: u64 = 8 * 1024 * 1024;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("g.db");
+    let wal = dir.path().join("g.db-wal");
+    let g = open(&path);
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut sids = Vec::new();
+    for i in 0..20 {
+        let s = g.create_subject(format!("w{i}"), None).await.expect("subject");
+        sids.push(Uuid::parse_str(&s.id).expect("uuid"));
+    }
+    let mut wal_max = 0;
+    for i in 0..2000 {
+        g.add_face(sids[i % 20], unit(&mut rng)).await.expect("enrol");
+        if i % 50 == 0 {
+            wal_max = wal_max.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+        }
+    }
+    wal_max = wal_max.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+    eprintln!("WAL peak over 2,000 enrolments: {wal_max} bytes");
+    assert!(
+        wal_max < WAL_BOUND,
+        "WAL reached {wal_max} bytes over 2,000 enrolments (bound {WAL_BOUND})"
+    );
+    // Nothing acknowledged is only in memory: a fresh open finds every face.
+    drop(g);
+    assert_eq!(open(&path).counts().faces, 2000);
+}

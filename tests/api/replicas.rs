@@ -208,9 +208,9 @@ async fn enrol_stream(
         if status == StatusCode::CREATED {
             let f = v["face_id"].as_str().expect("face_id");
             acked.lock().unwrap().push(Uuid::parse_str(f).expect("uuid"));
-        } else if status == StatusCode::SERVICE_UNAVAILABLE && v["error"]["code"] == "database_unavailable" {
-            acked.lock().unwrap().push(Uuid::parse_str(f).expect("uuid"));
-        } else if v["error"]["code"] == "database_unavailable" {
+        } else if status == StatusCode::SERVICE_UNAVAILABLE
+            && v["error"]["code"] == "database_unavailable"
+        {
             assert!(retry_after.is_some(), "503 without Retry-After: {v}");
             unavailable += 1;
             tokio::time::sleep(Duration::from_millis(50)).await;
