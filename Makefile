@@ -110,4 +110,4 @@ train: venv-train venv
 bench: ort postgres
 	cargo run --release --locked --example bench_embed -- $(or $(BENCH_SECONDS),4)
 	bash benches/gallery_search.sh
-	cargo run --release --locked --example bench_replicas
+	bash benches/replicas.sh $(or $(BENCH_SECONDS),8)
