@@ -38,8 +38,11 @@ struct Replica {
 
 async fn start_replica(url: &str) -> Replica {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let dylib = std::env::var("ORT_DYLIB_PATH")
-        .unwrap_or_else(|_| root.join("third_party/onnxruntime/libonnxruntime.so.1.31.1").display().to_string());
+    let dylib = std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| {
+        root.join("third_party/onnxruntime/libonnxruntime.so.1.31.1")
+            .display()
+            .to_string()
+    });
     let args = [
         "bench".to_string(),
         "--listen=127.0.0.1:0".into(),
@@ -48,7 +51,9 @@ async fn start_replica(url: &str) -> Replica {
         format!("--database={url}"),
     ];
     let config = ConfigArgs::try_parse_from(args).expect("config").config;
-    let app = Application::build(config).await.expect("application builds");
+    let app = Application::build(config)
+        .await
+        .expect("application builds");
     let address = format!("http://127.0.0.1:{}", app.port());
     let state = app.state().clone();
     tokio::spawn(app.run_until_stopped());
@@ -81,7 +86,12 @@ async fn post(client: &reqwest::Client, url: String, body: &Value) -> (u16, Valu
 }
 
 async fn subject(client: &reqwest::Client, r: &Replica) -> String {
-    let (s, v) = post(client, format!("{}/subjects", r.address), &json!({"name": "bench"})).await;
+    let (s, v) = post(
+        client,
+        format!("{}/subjects", r.address),
+        &json!({"name": "bench"}),
+    )
+    .await;
     assert_eq!(s, 201, "{v}");
     v["id"].as_str().unwrap().to_string()
 }
@@ -108,7 +118,12 @@ async fn case(replicas: &[Replica], seconds: f64, image: &str) {
             let mut i = c;
             while !stop.load(Ordering::Relaxed) {
                 let (a, s) = &targets[i % targets.len()];
-                let (st, v) = post(&client, format!("{a}/subjects/{s}/faces"), &json!({"image": image})).await;
+                let (st, v) = post(
+                    &client,
+                    format!("{a}/subjects/{s}/faces"),
+                    &json!({"image": image}),
+                )
+                .await;
                 assert_eq!(st, 201, "{v}");
                 done.fetch_add(1, Ordering::Relaxed);
                 i += 1;
@@ -130,7 +145,12 @@ async fn case(replicas: &[Replica], seconds: f64, image: &str) {
     while Instant::now() < deadline || lat.len() < 20 {
         let r = &replicas[i % replicas.len()];
         let t = Instant::now();
-        let (st, v) = post(&client, format!("{}/identify", r.address), &json!({"image": image, "top_k": 5})).await;
+        let (st, v) = post(
+            &client,
+            format!("{}/identify", r.address),
+            &json!({"image": image, "top_k": 5}),
+        )
+        .await;
         assert_eq!(st, 200, "{v}");
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
         i += 1;
@@ -152,7 +172,12 @@ async fn visibility(a: &Replica, b: &Replica, image: &str, n: usize) {
     let mut lat = Vec::new();
     for _ in 0..n {
         let before = b.state.gallery.counts().faces;
-        let (st, v) = post(&client, format!("{}/subjects/{sid}/faces", a.address), &json!({"image": image})).await;
+        let (st, v) = post(
+            &client,
+            format!("{}/subjects/{sid}/faces", a.address),
+            &json!({"image": image}),
+        )
+        .await;
         assert_eq!(st, 201, "{v}");
         let t = Instant::now();
         while b.state.gallery.counts().faces == before {

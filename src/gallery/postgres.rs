@@ -50,7 +50,8 @@ pub(crate) const CHANGE_LOG_LOCK: i64 = 0x6d6f_6269_0002;
 pub(crate) const CHANNEL: &str = "mobiface_changes";
 
 /// `created_at` as SQLite writes it: RFC 3339, UTC, milliseconds.
-const CREATED_AT: &str = r#"to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"#;
+const CREATED_AT: &str =
+    r#"to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"#;
 
 /// A database error is "unavailable" (503, retry later) when the server or
 /// the connection is gone; anything else is a fault of ours (500).
@@ -196,7 +197,11 @@ impl PgStore {
     /// committed, so a slow follower (server gone right after the commit)
     /// does not fail the request: the index catches up on reconnect.
     async fn visible(&self, seq: i64) {
-        if !self.follower.wait_applied(seq, Duration::from_secs(5)).await {
+        if !self
+            .follower
+            .wait_applied(seq, Duration::from_secs(5))
+            .await
+        {
             tracing::warn!(
                 seq,
                 "committed write not yet applied to the local index; it will be on catch-up"
@@ -299,11 +304,7 @@ impl Store for PgStore {
         })
     }
 
-    async fn list_subjects(
-        &self,
-        limit: usize,
-        after: i64,
-    ) -> Result<(Vec<Subject>, Option<i64>)> {
+    async fn list_subjects(&self, limit: usize, after: i64) -> Result<(Vec<Subject>, Option<i64>)> {
         let sql = format!(
             "SELECT {} FROM subjects s WHERE s.seq > $1 ORDER BY s.seq LIMIT $2",
             subject_columns()
@@ -331,7 +332,10 @@ impl Store for PgStore {
     }
 
     async fn get_subject(&self, id: Uuid) -> Result<Option<SubjectDetail>> {
-        let subject_sql = format!("SELECT {} FROM subjects s WHERE s.id = $1", subject_columns());
+        let subject_sql = format!(
+            "SELECT {} FROM subjects s WHERE s.id = $1",
+            subject_columns()
+        );
         let faces_sql =
             format!("SELECT id, {CREATED_AT}, model FROM faces WHERE subject_id = $1 ORDER BY seq");
         self.read(|mut c| {
@@ -384,12 +388,7 @@ impl Store for PgStore {
         Ok(true)
     }
 
-    async fn add_face(
-        &self,
-        face_id: Uuid,
-        subject_id: Uuid,
-        embedding: Vec<f32>,
-    ) -> Result<bool> {
+    async fn add_face(&self, face_id: Uuid, subject_id: Uuid, embedding: Vec<f32>) -> Result<bool> {
         let model = self.follower.model().to_string();
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_err)?;
@@ -449,11 +448,7 @@ impl Store for PgStore {
             return Ok(());
         }
         self.follower.stop();
-        let task = self
-            .task
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(task) = task {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }

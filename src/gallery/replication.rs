@@ -143,9 +143,7 @@ impl Follower {
         self.applied.send_replace(seq);
         self.head.store(head.max(seq), Ordering::Relaxed);
         self.metrics.replication_applied_seq.set(seq);
-        self.metrics
-            .replication_lag
-            .set((head - seq).max(0));
+        self.metrics.replication_lag.set((head - seq).max(0));
     }
 
     /// Follows the log until `stop()`, reconnecting with backoff whenever the
@@ -188,7 +186,10 @@ impl Follower {
         // After LISTEN, so nothing committed in between goes unseen.
         self.pass(&mut client).await?;
         self.set_connected(true);
-        tracing::info!(applied_seq = *self.applied.borrow(), "following the change log");
+        tracing::info!(
+            applied_seq = *self.applied.borrow(),
+            "following the change log"
+        );
         let mut tick = tokio::time::interval(self.catchup_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let housekeeping_every = (self.catchup_interval * 5).max(Duration::from_secs(5));

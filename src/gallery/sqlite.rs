@@ -427,11 +427,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn list_subjects(
-        &self,
-        limit: usize,
-        after: i64,
-    ) -> Result<(Vec<Subject>, Option<i64>)> {
+    async fn list_subjects(&self, limit: usize, after: i64) -> Result<(Vec<Subject>, Option<i64>)> {
         self.with_conn(move |conn, _| Ok(list_subjects(conn, limit, after)?))
             .await
     }
@@ -455,12 +451,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn add_face(
-        &self,
-        face_id: Uuid,
-        subject_id: Uuid,
-        embedding: Vec<f32>,
-    ) -> Result<bool> {
+    async fn add_face(&self, face_id: Uuid, subject_id: Uuid, embedding: Vec<f32>) -> Result<bool> {
         self.with_conn(move |conn, mirror| {
             if insert_face(conn, &face_id, &subject_id, &embedding, &mirror.model)?.is_none() {
                 return Ok(false);

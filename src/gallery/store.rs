@@ -59,8 +59,7 @@ pub trait Store: Send + Sync + 'static {
     async fn create_subject(&self, id: Uuid, name: String, metadata: String) -> Result<Subject>;
 
     /// Subjects in creation order after cursor `after`, and the next cursor.
-    async fn list_subjects(&self, limit: usize, after: i64)
-        -> Result<(Vec<Subject>, Option<i64>)>;
+    async fn list_subjects(&self, limit: usize, after: i64) -> Result<(Vec<Subject>, Option<i64>)>;
 
     async fn get_subject(&self, id: Uuid) -> Result<Option<SubjectDetail>>;
 
@@ -68,8 +67,7 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_subject(&self, id: Uuid) -> Result<bool>;
 
     /// `false` when the subject does not exist (any more).
-    async fn add_face(&self, face_id: Uuid, subject_id: Uuid, embedding: Vec<f32>)
-        -> Result<bool>;
+    async fn add_face(&self, face_id: Uuid, subject_id: Uuid, embedding: Vec<f32>) -> Result<bool>;
 
     /// `false` when the subject has no such face.
     async fn delete_face(&self, subject_id: Uuid, face_id: Uuid) -> Result<bool>;

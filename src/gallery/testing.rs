@@ -124,7 +124,18 @@ impl TestCluster {
         let log = self.dir.join("data/server.log").display().to_string();
         self.run(
             &format!("{PG_BIN}/pg_ctl"),
-            &["-D", &self.data(), "-o", &opts, "-l", &log, "-w", "-t", "60", "start"],
+            &[
+                "-D",
+                &self.data(),
+                "-o",
+                &opts,
+                "-l",
+                &log,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
         )?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
@@ -162,7 +173,15 @@ impl TestCluster {
         );
         self.run(
             &format!("{PG_BIN}/createdb"),
-            &["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", &name],
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                &name,
+            ],
         )?;
         Ok(self.url(&name))
     }
@@ -174,7 +193,11 @@ impl TestCluster {
             "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
              {stop} {PG_BIN}/pg_ctl -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
             pid = std::process::id(),
-            stop = if self.as_postgres { "runuser -u postgres --" } else { "" },
+            stop = if self.as_postgres {
+                "runuser -u postgres --"
+            } else {
+                ""
+            },
             data = self.data(),
             dir = self.dir.display(),
         );

@@ -707,7 +707,10 @@ async fn replicas_enrolling_into_subjects_others_delete_leave_no_orphans() {
     let (a, b) = (db.open().await, db.open().await);
     let mut sids = Vec::new();
     for i in 0..24 {
-        let s = a.create_subject(format!("r{i}"), None).await.expect("subject");
+        let s = a
+            .create_subject(format!("r{i}"), None)
+            .await
+            .expect("subject");
         sids.push(Uuid::parse_str(&s.id).expect("uuid"));
     }
     // B deletes every other subject while A enrols five faces into each.
@@ -749,14 +752,22 @@ async fn replicas_enrolling_into_subjects_others_delete_leave_no_orphans() {
     for t in tasks {
         let (sid, deleted, acked) = t.await.expect("task");
         if !deleted {
-            assert_eq!(acked.len(), 5, "no delete, so every enrolment of {sid} succeeds");
+            assert_eq!(
+                acked.len(),
+                5,
+                "no delete, so every enrolment of {sid} succeeds"
+            );
             kept += acked.len();
         }
     }
     converge(url, &[&a, &b]).await;
     for g in [&a, &b] {
         assert_eq!(g.counts().subjects, 12);
-        assert_eq!(g.counts().faces, kept, "only the kept subjects' faces remain");
+        assert_eq!(
+            g.counts().faces,
+            kept,
+            "only the kept subjects' faces remain"
+        );
     }
     // A third replica started now loads the same state from the tables.
     let c = db.open().await;
@@ -771,7 +782,12 @@ async fn replicas_creating_subjects_at_once_never_collide() {
     let make = |g: Gallery, tag: &'static str| async move {
         let mut ids = Vec::new();
         for i in 0..40 {
-            ids.push(g.create_subject(format!("{tag}{i}"), None).await.expect("create").id);
+            ids.push(
+                g.create_subject(format!("{tag}{i}"), None)
+                    .await
+                    .expect("create")
+                    .id,
+            );
         }
         ids
     };
@@ -788,7 +804,10 @@ async fn replicas_creating_subjects_at_once_never_collide() {
         let mut seen = Vec::new();
         let mut after = None;
         loop {
-            let page = g.list_subjects(Some(30), after.clone()).await.expect("page");
+            let page = g
+                .list_subjects(Some(30), after.clone())
+                .await
+                .expect("page");
             seen.extend(page.subjects.into_iter().map(|s| s.id));
             match page.next {
                 Some(n) => after = Some(n),
@@ -800,7 +819,12 @@ async fn replicas_creating_subjects_at_once_never_collide() {
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while a.counts().subjects != 80 || b.counts().subjects != 80 {
-        assert!(std::time::Instant::now() < deadline, "{:?} {:?}", a.counts(), b.counts());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?} {:?}",
+            a.counts(),
+            b.counts()
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
@@ -857,7 +881,10 @@ async fn a_replica_cut_off_catches_up_from_the_log() {
         if left == 0 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "{left} log rows never pruned");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{left} log rows never pruned"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     // A replica started after pruning still loads everything.
@@ -880,12 +907,17 @@ async fn sqlite_wal_stays_bounded_over_2000_enrolments() {
     let mut rng = StdRng::seed_from_u64(11);
     let mut sids = Vec::new();
     for i in 0..20 {
-        let s = g.create_subject(format!("w{i}"), None).await.expect("subject");
+        let s = g
+            .create_subject(format!("w{i}"), None)
+            .await
+            .expect("subject");
         sids.push(Uuid::parse_str(&s.id).expect("uuid"));
     }
     let mut wal_max = 0;
     for i in 0..2000 {
-        g.add_face(sids[i % 20], unit(&mut rng)).await.expect("enrol");
+        g.add_face(sids[i % 20], unit(&mut rng))
+            .await
+            .expect("enrol");
         if i % 50 == 0 {
             wal_max = wal_max.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
         }

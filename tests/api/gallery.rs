@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::helpers::{
-    Server, b64, eval_crops, json_of, lfw_dir, read, spawn_app, spawn_app_both, spawn_app_with, TestApp,
+    b64, eval_crops, json_of, lfw_dir, read, spawn_app, spawn_app_both, spawn_app_with, Server,
+    TestApp,
 };
 
 /// Identities of the evaluation split with at least `min` images, sorted,

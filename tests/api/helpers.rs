@@ -296,4 +296,3 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
-

@@ -31,8 +31,15 @@ async fn post_json(client: &reqwest::Client, url: String, body: &Value) -> reqwe
 }
 
 async fn new_subject(client: &reqwest::Client, server: &Server, name: &str) -> String {
-    let (status, body) =
-        json_of(post_json(client, format!("{}/subjects", server.address), &json!({"name": name})).await).await;
+    let (status, body) = json_of(
+        post_json(
+            client,
+            format!("{}/subjects", server.address),
+            &json!({"name": name}),
+        )
+        .await,
+    )
+    .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     body["id"].as_str().expect("id").to_string()
 }
@@ -117,14 +124,22 @@ async fn writes_on_one_replica_reach_the_others_and_a_late_replica_loads_everyth
     // Enrol on A: B finds it.
     let sid = new_subject(&client, &a, "shared").await;
     let (status, body) = json_of(
-        post_json(&client, format!("{}/subjects/{sid}/faces", a.address), &json!({"image": image})).await,
+        post_json(
+            &client,
+            format!("{}/subjects/{sid}/faces", a.address),
+            &json!({"image": image}),
+        )
+        .await,
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let fid = body["face_id"].as_str().expect("face_id").to_string();
     let start = Instant::now();
     while !identify_face_ids(&client, &b, &image).await.contains(&fid) {
-        assert!(start.elapsed() < DEADLINE, "B never found the face enrolled on A");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "B never found the face enrolled on A"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Delete on B: gone from A.
@@ -136,19 +151,28 @@ async fn writes_on_one_replica_reach_the_others_and_a_late_replica_loads_everyth
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     let start = Instant::now();
     while identify_face_ids(&client, &a, &image).await.contains(&fid) {
-        assert!(start.elapsed() < DEADLINE, "A still finds the face deleted on B");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "A still finds the face deleted on B"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
     // 1,000 enrolments by another replica (in-process, so the test does not
     // spend minutes embedding), then a replica started afterwards loads them all.
     let (_, ready) = get_json(&client, format!("{}/readyz", a.address)).await;
-    let (model, dim) = (model_id(&ready), ready["model"]["dim"].as_u64().expect("dim") as usize);
+    let (model, dim) = (
+        model_id(&ready),
+        ready["model"]["dim"].as_u64().expect("dim") as usize,
+    );
     let gallery = in_process_replica(&url, &model, dim).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let mut subjects = Vec::new();
     for i in 0..50 {
-        let s = gallery.create_subject(format!("bulk {i}"), None).await.expect("subject");
+        let s = gallery
+            .create_subject(format!("bulk {i}"), None)
+            .await
+            .expect("subject");
         subjects.push(Uuid::parse_str(&s.id).expect("uuid"));
     }
     for i in 0..1000 {
@@ -207,7 +231,10 @@ async fn enrol_stream(
         let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
         if status == StatusCode::CREATED {
             let f = v["face_id"].as_str().expect("face_id");
-            acked.lock().unwrap().push(Uuid::parse_str(f).expect("uuid"));
+            acked
+                .lock()
+                .unwrap()
+                .push(Uuid::parse_str(f).expect("uuid"));
         } else if status == StatusCode::SERVICE_UNAVAILABLE
             && v["error"]["code"] == "database_unavailable"
         {
@@ -246,7 +273,10 @@ async fn kill9_of_a_replica_mid_stream_loses_no_acknowledged_face() {
         .collect();
     let start = Instant::now();
     while acked.lock().unwrap().len() < 40 {
-        assert!(start.elapsed() < Duration::from_secs(120), "enrolments too slow");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "enrolments too slow"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     a.kill9();
@@ -289,7 +319,10 @@ async fn postgres_restart_under_load_answers_503_then_converges() {
         async move {
             let start = Instant::now();
             while acked.lock().unwrap().len() < n {
-                assert!(start.elapsed() < Duration::from_secs(120), "enrolments stalled");
+                assert!(
+                    start.elapsed() < Duration::from_secs(120),
+                    "enrolments stalled"
+                );
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
@@ -304,7 +337,10 @@ async fn postgres_restart_under_load_answers_503_then_converges() {
                 assert_eq!(r["status"], "database_unavailable", "{r}");
                 break;
             }
-            assert!(start.elapsed() < DEADLINE, "/readyz stayed {status} with PostgreSQL down");
+            assert!(
+                start.elapsed() < DEADLINE,
+                "/readyz stayed {status} with PostgreSQL down"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -318,7 +354,10 @@ async fn postgres_restart_under_load_answers_503_then_converges() {
     for s in streams {
         refused += s.await.expect("stream");
     }
-    assert!(refused > 0, "no write was refused while PostgreSQL was down");
+    assert!(
+        refused > 0,
+        "no write was refused while PostgreSQL was down"
+    );
     let acked: Vec<Uuid> = acked.lock().unwrap().clone();
     let unique: HashSet<Uuid> = acked.iter().copied().collect();
     assert_eq!(unique.len(), acked.len(), "no face acknowledged twice");
