@@ -202,3 +202,37 @@ pub struct Config {
     #[arg(long, env = "MOBIFACE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_is_a_path_or_a_postgres_url_and_logs_without_password() {
+        let parse = |s: &str| s.parse::<Database>().expect("infallible");
+        assert_eq!(
+            parse("data/gallery.db"),
+            Database::Sqlite(PathBuf::from("data/gallery.db"))
+        );
+        assert_eq!(
+            parse("postgres.db"),
+            Database::Sqlite(PathBuf::from("postgres.db"))
+        );
+        for url in [
+            "postgres://u:secret@h:5432/db",
+            "postgresql://u:secret@h/db",
+            "POSTGRES://u:secret@h/db",
+        ] {
+            let db = parse(url);
+            assert_eq!(db, Database::Postgres(url.to_string()));
+            let shown = db.to_string();
+            assert!(!shown.contains("secret"), "{shown}");
+            assert!(shown.contains("u:***@h"), "{shown}");
+            let json = serde_json::to_string(&db).expect("serialises");
+            assert!(!json.contains("secret"), "{json}");
+        }
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        // A password containing '@' is still hidden whole.
+        assert_eq!(redact_url("postgres://u:p@ss@h/db"), "postgres://u:***@h/db");
+    }
+}

@@ -70,6 +70,7 @@ fn path_error(e: PathRejection) -> ApiError {
     responses(
         (status = 201, body = Subject),
         (status = 422, description = "Empty or long name, metadata not an object or too large, wrong JSON shape", body = ErrorBody),
+        (status = 503, description = "Gallery database unreachable (PostgreSQL backend; see Retry-After)", body = ErrorBody),
     ),
     tag = "gallery"
 )]
@@ -88,6 +89,7 @@ pub async fn create_subject(
     responses(
         (status = 200, body = SubjectPage, description = "Subjects in creation order"),
         (status = 422, description = "Bad limit or cursor", body = ErrorBody),
+        (status = 503, description = "Gallery database unreachable (PostgreSQL backend; see Retry-After)", body = ErrorBody),
     ),
     tag = "gallery"
 )]
@@ -106,6 +108,7 @@ pub async fn list_subjects(
     responses(
         (status = 200, body = SubjectDetail),
         (status = 404, description = "No such subject", body = ErrorBody),
+        (status = 503, description = "Gallery database unreachable (PostgreSQL backend; see Retry-After)", body = ErrorBody),
     ),
     tag = "gallery"
 )]
@@ -125,6 +128,7 @@ pub async fn get_subject(
     responses(
         (status = 204, description = "Deleted, with all its faces"),
         (status = 404, description = "No such subject", body = ErrorBody),
+        (status = 503, description = "Gallery database unreachable (PostgreSQL backend; see Retry-After)", body = ErrorBody),
     ),
     tag = "gallery"
 )]
@@ -149,7 +153,7 @@ pub async fn delete_subject(
         (status = 404, description = "No such subject", body = ErrorBody),
         (status = 413, description = "Body or image too large", body = ErrorBody),
         (status = 422, description = "Wrong JSON shape", body = ErrorBody),
-        (status = 503, description = "Inference queue full (see Retry-After)", body = ErrorBody),
+        (status = 503, description = "Inference queue full, or the gallery database unreachable (see Retry-After)", body = ErrorBody),
     ),
     tag = "gallery"
 )]
@@ -186,6 +190,7 @@ pub async fn add_face(
     responses(
         (status = 204, description = "Deleted"),
         (status = 404, description = "No such subject, or no such face under it", body = ErrorBody),
+        (status = 503, description = "Gallery database unreachable (PostgreSQL backend; see Retry-After)", body = ErrorBody),
     ),
     tag = "gallery"
 )]

@@ -77,15 +77,10 @@ impl Mirror {
                 Change::FaceAdded {
                     face_id,
                     subject_id,
-                    embedding: Some(e),
+                    embedding,
                 } => {
                     // Refused (false) for a subject deleted meanwhile: no orphan row.
-                    idx.add_face(*face_id, subject_id, e);
-                }
-                Change::FaceAdded {
-                    embedding: None, ..
-                } => {
-                    self.faces_other_model.fetch_add(1, Ordering::Relaxed);
+                    idx.add_face(*face_id, subject_id, embedding);
                 }
                 Change::FaceDeleted {
                     face_id,

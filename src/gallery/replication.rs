@@ -301,7 +301,7 @@ impl Follower {
                                 changes.push(Change::FaceAdded {
                                     face_id,
                                     subject_id,
-                                    embedding: Some(e),
+                                    embedding: e,
                                 });
                             }
                         }

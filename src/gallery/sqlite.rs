@@ -459,7 +459,7 @@ impl Store for SqliteStore {
             mirror.apply(&[Change::FaceAdded {
                 face_id,
                 subject_id,
-                embedding: Some(embedding),
+                embedding,
             }]);
             Ok(true)
         })

@@ -25,11 +25,11 @@ pub enum Change {
         id: Uuid,
         other_model_faces: Option<u64>,
     },
-    /// `embedding` is `None` for a face of another model (counted, not indexed).
+    /// A face of the running model (the only kind this service writes).
     FaceAdded {
         face_id: Uuid,
         subject_id: Uuid,
-        embedding: Option<Vec<f32>>,
+        embedding: Vec<f32>,
     },
     FaceDeleted {
         face_id: Uuid,
