@@ -233,6 +233,9 @@ mod tests {
         }
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         // A password containing '@' is still hidden whole.
-        assert_eq!(redact_url("postgres://u:p@ss@h/db"), "postgres://u:***@h/db");
+        assert_eq!(
+            redact_url("postgres://u:p@ss@h/db"),
+            "postgres://u:***@h/db"
+        );
     }
 }
