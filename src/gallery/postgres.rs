@@ -69,6 +69,20 @@ pub(crate) fn pg_err(e: tokio_postgres::Error) -> GalleryError {
     }
 }
 
+/// A read-only transaction on one snapshot: every query in it sees the same
+/// committed state (the log, its floor and the tables agree).
+pub(crate) async fn snapshot(
+    client: &mut tokio_postgres::Client,
+) -> Result<tokio_postgres::Transaction<'_>> {
+    client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(pg_err)
+}
+
 fn pool_err(e: PoolError) -> GalleryError {
     match e {
         PoolError::Backend(e) => pg_err(e),
@@ -342,13 +356,7 @@ impl Store for PgStore {
             let (subject_sql, faces_sql) = (subject_sql.clone(), faces_sql.clone());
             async move {
                 // One snapshot, so the face count and the face list agree.
-                let tx = c
-                    .build_transaction()
-                    .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-                    .read_only(true)
-                    .start()
-                    .await
-                    .map_err(pg_err)?;
+                let tx = snapshot(&mut c).await?;
                 let Some(row) = tx.query_opt(&subject_sql, &[&id]).await.map_err(pg_err)? else {
                     return Ok(None);
                 };

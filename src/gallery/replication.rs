@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch, Notify};
-use tokio_postgres::{AsyncMessage, Client, IsolationLevel, NoTls};
+use tokio_postgres::{AsyncMessage, Client, NoTls};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::index::Index;
 use super::mirror::Mirror;
-use super::postgres::{pg_err, CHANNEL};
+use super::postgres::{pg_err, snapshot, CHANNEL};
 use super::sqlite::decode_into;
 use super::store::Change;
 use super::{LoadReport, Result};
@@ -227,13 +227,7 @@ impl Follower {
 
     async fn apply_log(&self, client: &mut Client) -> Result<()> {
         let mut applied = *self.applied.borrow();
-        let tx = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(pg_err)?;
+        let tx = snapshot(client).await?;
         let row = tx
             .query_one(
                 "SELECT pruned_upto, (SELECT coalesce(max(seq), 0) FROM change_log) FROM change_log_floor",
@@ -347,13 +341,7 @@ impl Follower {
         let start = Instant::now();
         let model = self.mirror.model.clone();
         let dim = self.mirror.dim;
-        let tx = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(pg_err)?;
+        let tx = snapshot(client).await?;
         let row = tx
             .query_one(
                 "SELECT greatest((SELECT coalesce(max(seq), 0) FROM change_log), \
