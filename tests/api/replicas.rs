@@ -187,6 +187,28 @@ async fn writes_on_one_replica_reach_the_others_and_a_late_replica_loads_everyth
     let (_, ready) = get_json(&client, format!("{}/readyz", c.address)).await;
     assert_eq!(ready["gallery"]["subjects"], 50, "{ready}");
     gallery.close().await.expect("close");
+
+    // Replication is visible in the metrics: B applied others' changes, is
+    // connected, and (converged) has no lag.
+    let text = client
+        .get(format!("{}/metrics", b.address))
+        .send()
+        .await
+        .expect("sent")
+        .text()
+        .await
+        .expect("body");
+    let metric = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+    };
+    assert!(metric("mobiface_replication_catchups_total") >= 1.0);
+    assert_eq!(metric("mobiface_replication_connected"), 1.0);
+    assert_eq!(metric("mobiface_replication_lag_changes"), 0.0);
+    assert!(metric("mobiface_replication_applied_seq") >= 1000.0);
+    assert!(metric("mobiface_db_pool_connections") >= 1.0);
+    assert!(metric("mobiface_db_pool_wait_seconds_count") >= 1.0);
 }
 
 async fn in_process_replica(url: &str, model: &str, dim: usize) -> Gallery {
