@@ -164,7 +164,7 @@ pub async fn add_face(
 ) -> Result<(StatusCode, Json<FaceCreated>), ApiError> {
     let Path(id) = id.map_err(path_error)?;
     let subject_id = parse_id(&id, "subject")?;
-    if !state.gallery.has_subject(&subject_id) {
+    if !state.gallery.subject_exists(&subject_id).await? {
         return Err(ApiError::not_found(format!(
             "no subject with id {subject_id}"
         )));

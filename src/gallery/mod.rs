@@ -308,6 +308,20 @@ impl Gallery {
         self.mirror.read().has_subject(id)
     }
 
+    /// Like `has_subject`, but a subject this replica's index has not seen yet
+    /// (just created on another replica, milliseconds ago) is looked up in the
+    /// shared database, so create-on-A-then-enrol-on-B works behind a load
+    /// balancer. Enrolment uses it before spending a model run on the image.
+    pub async fn subject_exists(&self, id: &Uuid) -> Result<bool> {
+        if self.has_subject(id) {
+            return Ok(true);
+        }
+        if self.store.replication().is_none() {
+            return Ok(false);
+        }
+        Ok(self.store.get_subject(*id).await?.is_some())
+    }
+
     /// Order-independent digest of the indexed face ids (their wrapping sum
     /// as 128-bit integers, hex): equal on replicas holding the same faces, so
     /// operators and tests can compare replicas with each other and with the

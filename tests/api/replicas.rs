@@ -121,8 +121,9 @@ async fn writes_on_one_replica_reach_the_others_and_a_late_replica_loads_everyth
     let (a, b) = (Server::start_on(&url, &[]), Server::start_on(&url, &[]));
     let image = b64(&read(&eval_crops(1)[0]));
 
-    // Enrol on A: B finds it.
-    let sid = new_subject(&client, &a, "shared").await;
+    // Created on B and enrolled on A at once (A's index may not have the
+    // subject yet: the enrolment looks it up in the database), then B finds the face.
+    let sid = new_subject(&client, &b, "shared").await;
     let (status, body) = json_of(
         post_json(
             &client,
