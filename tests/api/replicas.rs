@@ -367,7 +367,19 @@ async fn postgres_restart_under_load_answers_503_then_converges() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    // Writes meanwhile are refused with 503 (counted by the streams).
+    // Reads that need the database answer 503 with Retry-After; search keeps
+    // answering from the local index. Writes meanwhile are refused with 503
+    // (counted by the streams).
+    let r = client
+        .get(format!("{}/subjects", a.address))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.headers().contains_key("retry-after"));
+    let (_, v) = json_of(r).await;
+    assert_eq!(v["error"]["code"], "database_unavailable", "{v}");
+    assert!(!identify_face_ids(&client, &b, &image).await.is_empty());
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before_restart = acked.lock().unwrap().len();
     cluster.start_server().expect("restart PostgreSQL");
