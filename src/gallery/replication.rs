@@ -29,8 +29,10 @@ use crate::metrics::Metrics;
 
 /// Rows fetched per round trip while catching up.
 const BATCH: i64 = 5000;
-/// Longest a single pass may take before the connection is considered dead.
-const PASS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a single pass may take before the connection is considered dead
+/// (a server gone silent; TCP keepalives alone take minutes to notice). Generous,
+/// since a pass may reload a large gallery.
+const PASS_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// This replica's replication state, as `/readyz` reports it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -248,6 +250,7 @@ impl Follower {
         }
         let model = self.mirror.model.clone();
         let mut recount = false;
+        let mut caught_up = false;
         let mut changes = Vec::new();
         loop {
             // The face's embedding comes from the table; a row gone by now was
@@ -310,6 +313,14 @@ impl Follower {
                     _ => recount = true,
                 }
             }
+            // Applied batch by batch: a replica far behind never holds the
+            // whole backlog's embeddings in memory, and waiting writers see progress.
+            if !changes.is_empty() {
+                caught_up = true;
+            }
+            self.mirror.apply(&changes);
+            changes.clear();
+            self.set_applied(applied, head);
             if n < BATCH {
                 break;
             }
@@ -324,14 +335,12 @@ impl Follower {
             None
         };
         tx.commit().await.map_err(pg_err)?;
-        if !changes.is_empty() {
+        if caught_up {
             self.metrics.replication_catchups.inc();
         }
-        self.mirror.apply(&changes);
         if let Some(other) = other {
             self.mirror.set_faces_other_model(other);
         }
-        self.set_applied(applied, head);
         Ok(())
     }
 
