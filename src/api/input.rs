@@ -155,9 +155,8 @@ pub fn prepare_image(
         faces_detected: None,
     };
     if let Some(points) = landmarks {
-        let crop = imaging::align(img, &points).ok_or_else(|| {
-            ApiError::new(ErrorKind::BadLandmarks, "landmarks are degenerate")
-        })?;
+        let crop = imaging::align(img, &points)
+            .ok_or_else(|| ApiError::new(ErrorKind::BadLandmarks, "landmarks are degenerate"))?;
         return Ok(Prepared {
             crop,
             report: plain(FaceSource::Landmarks, Some(points)),

@@ -22,8 +22,8 @@ use self::pairs::{ImageRef, PairsFile};
 use crate::api::input::{prepare_image, FaceOptions};
 use crate::config::{DetectorConfig, EngineConfig};
 use crate::detection::Detector;
-use crate::error::ErrorKind;
 use crate::engine::Engine;
+use crate::error::ErrorKind;
 use crate::imaging::{self, DecodeLimits};
 use crate::metrics::Metrics;
 

@@ -82,7 +82,7 @@ pub fn align(img: &RgbImage, landmarks: &Landmarks) -> Option<RgbImage> {
 /// [`TEMPLATE`], as `[a, -b, tx, b, a, ty]` (row-major 2x3). For a similarity the Umeyama /
 /// skimage `SimilarityTransform.estimate` solution reduces to this closed form: with both point
 /// sets centred, a = sum(s.d) / sum(|s|^2) and b = sum(s x d) / sum(|s|^2).
-fn fit_similarity(src: &Landmarks) -> Option<[f64; 6]> {
+pub(crate) fn fit_similarity(src: &Landmarks) -> Option<[f64; 6]> {
     let n = src.len() as f64;
     let (mut msx, mut msy, mut mdx, mut mdy) = (0.0, 0.0, 0.0, 0.0);
     for (s, d) in src.iter().zip(&TEMPLATE) {

@@ -7,6 +7,7 @@
 mod align;
 mod decode;
 
+pub(crate) use align::fit_similarity;
 pub use align::{align, parse_landmarks, Landmarks, TEMPLATE};
 pub use decode::{decode, DecodeLimits};
 

