@@ -123,7 +123,9 @@ train: venv-train venv
 	$(VENV)/bin/python models/calibrate.py --model models/mobiface.onnx --write
 
 ## Benchmarks (not tests; numbers vary by machine): engine throughput and latency
-## across worker layouts and batch caps, then 1:N search next to FAISS IndexFlatIP.
-bench: ort
+## across worker layouts and batch caps, face detection per photo size and /embed on whole
+## photos vs crops, then 1:N search next to FAISS IndexFlatIP.
+bench: ort detector
 	cargo run --release --locked --example bench_embed -- $(or $(BENCH_SECONDS),4)
+	cargo run --release --locked --example bench_detect -- $(or $(BENCH_SECONDS),4)
 	bash benches/gallery_search.sh

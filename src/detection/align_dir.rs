@@ -132,7 +132,7 @@ pub fn run(args: AlignArgs) -> anyhow::Result<()> {
                     }
                 }
                 let n = done.fetch_add(1, Ordering::Relaxed) + 1;
-                if n % 1000 == 0 {
+                if n.is_multiple_of(1000) {
                     eprintln!("mobiface align: {n}/{} photos", list.len());
                 }
             });

@@ -90,8 +90,8 @@ pub fn decode(out: &RawOutputs, threshold: f32) -> Vec<Face> {
             let cls = head.cls[i].clamp(0.0, 1.0);
             let obj = head.obj[i].clamp(0.0, 1.0);
             let score = (cls * obj).sqrt();
-            // `!(>=)` also drops NaN scores.
-            if !(score >= threshold) {
+            // NaN scores are dropped too.
+            if score.is_nan() || score < threshold {
                 continue;
             }
             let (c, r) = ((i % cols) as f32, (i / cols) as f32);
