@@ -471,7 +471,7 @@ pub fn human(r: &Report) -> String {
     if r.images_without_face > 0 {
         let _ = writeln!(
             s,
-            "no face    {} of {} images (the {} pairs with one are scored -1, a non-match)",
+            "no face    {} of {} images (pairs with one, {} here, are scored -1: a non-match)",
             r.images_without_face, r.images, r.pairs_without_face
         );
     }
