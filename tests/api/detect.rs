@@ -113,7 +113,10 @@ async fn faces_are_found_in_raw_photos_where_the_reference_landmarks_put_them() 
     );
     mean_errors.sort_by(f64::total_cmp);
     let median = mean_errors[mean_errors.len() / 2];
-    assert!(median < 0.12, "median mean point error {median} eye distances");
+    assert!(
+        median < 0.12,
+        "median mean point error {median} eye distances"
+    );
 }
 
 #[tokio::test]
