@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
+use crate::detection::Detector;
 use crate::engine::Engine;
 use crate::gallery::Gallery;
 use crate::metrics::Metrics;
@@ -32,6 +33,16 @@ impl Application {
             tokio::task::spawn_blocking(move || Engine::start(&engine_cfg, engine_metrics))
                 .await
                 .context("engine start-up panicked")??;
+        let (detector_cfg, engine_cfg, detector_metrics) = (
+            config.detection.clone(),
+            config.engine.clone(),
+            metrics.clone(),
+        );
+        let detector = tokio::task::spawn_blocking(move || {
+            Detector::load(&detector_cfg, &engine_cfg, detector_metrics)
+        })
+        .await
+        .context("detector start-up panicked")??;
         let info = engine.info().clone();
         if !info.trained {
             tracing::warn!(
@@ -67,6 +78,7 @@ impl Application {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let state = AppState {
             engine,
+            detector: Arc::new(detector),
             gallery,
             metrics,
             config: Arc::new(config),
