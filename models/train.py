@@ -67,7 +67,7 @@ EdgeFace-XS and SFace concatenated, each unit norm, by default) and tf = unit(t0
   * rel (--w-rel): the relational term on f against tf and on e against t0;
   * ce (--w-ce): CosFace over every training identity with >= 2 training crops (LFW train,
     CelebA, Glint360K), on e, em and f.
-The schedule is in steps (--total-steps, default 30,000 of batch 32), since the run spans
+The schedule is in steps (--total-steps, default 10,000 of batch 32), since the run spans
 sessions; --budget-minutes bounds one session. The resume checkpoint (--ckpt, default
 models/checkpoints/mobiface2.pt) is weights-only fp16, committed between sessions; --resume
 continues it (AdamW restarts, so the LR ramps up over --resume-warmup steps), and refuses to start
@@ -286,67 +286,78 @@ class SetsData:
     training too. CosFace classes: every training identity with >= 2 training crops; LFW and
     Glint360K name people the same way, so one person in both is one class.
 
+    A crop trains once its targets exist: `refresh()` (each epoch) picks up what targets.py has
+    finished since, so a run can start while the cache is still being built.
+
     Offers the attributes warm_start and recalibrate_bn read from Data (`lfw` holds every set's
     crops, `lfw_t` the flip-averaged targets), plus per-view targets [N,2,D] for the objective."""
 
     def __init__(self, set_names: list[str], crop_dirs: dict[str, str], teacher: str, device):
-        sets = targets.load_sets(set_names, crop_dirs)
-        held = set().union(*(s.held for s in sets if s.name == "lfw"))
-        crops, tv, have, keys, train, self.utk_of = [], [], [], [], [], []
+        self.cropsets = targets.load_sets(set_names, crop_dirs)
+        held = set().union(*(s.held for s in self.cropsets if s.name == "lfw"))
+        crops, keys, out, utk = [], [], [], []
         self.val: dict[str, tuple[np.ndarray, list]] = {}
         off = 0
-        for s in sets:
-            t, h = s.target(teacher)
+        for s in self.cropsets:
             crops.append(np.asarray(s.crops()))
-            tv.append(t.astype(np.float32))
-            have.append(h)
             ids = s.ids or [None] * len(s)
-            k = [None if i is None else (f"celeba/{i}" if s.name == "celeba" else i) for i in ids]
-            keys += k
-            out = s.is_val | np.array([s.name == "glint" and i in held for i in ids])
-            train.append(off + np.nonzero(~out & h)[0])
-            self.utk_of.append(np.full(len(s), s.name == "utk"))
+            keys += [None if i is None else (f"celeba/{i}" if s.name == "celeba" else i) for i in ids]
+            out.append(s.is_val | np.array([s.name == "glint" and i in held for i in ids]))
+            utk.append(np.full(len(s), s.name == "utk"))
             if s.name in targets.VAL_SETS:
                 pairs = [(off + a, off + b, y) for a, b, y in s.val_pairs()]
-                need = sorted({i for a, b, _ in pairs for i in (a, b)})
-                if not all(have[-1][i - off] for i in need):
-                    raise SystemExit(f"{s.name}: validation crops lack {teacher} targets: run targets.py")
-                self.val[s.name] = (np.array(need), pairs)
-            log(f"{s.name}: {len(s)} crops from {s.root}, {len(train[-1])} train with {teacher} targets, "
-                f"{int(s.is_val.sum())} held out")
+                self.val[s.name] = (np.array(sorted({i for a, b, _ in pairs for i in (a, b)})), pairs)
             off += len(s)
         self.lfw = np.concatenate(crops)
-        self.views = np.concatenate(tv)
-        self.lfw_have = np.concatenate(have)
-        self.train_idx = np.concatenate(train)
-        tf = self.views[:, 0] + self.views[:, 1]
-        self.lfw_t = tf / np.maximum(np.linalg.norm(tf, axis=1, keepdims=True), 1e-12)
+        self.trainable = ~np.concatenate(out)
         count: dict[str, int] = {}
-        for i in self.train_idx:
+        for i in np.nonzero(self.trainable)[0]:
             if keys[i] is not None:
                 count[keys[i]] = count.get(keys[i], 0) + 1
         self.class_keys = sorted(k for k, n in count.items() if n >= 2)
         cls = {k: c for c, k in enumerate(self.class_keys)}
         self.n_classes = len(cls)
         self.lfw_label = np.array([cls.get(k, -1) if k is not None else -1 for k in keys], np.int64)
-        in_train = np.zeros(len(keys), bool)
-        in_train[self.train_idx] = True
-        self.lfw_label[~in_train] = -1
-        self.t_dim = self.views.shape[2]
-        self.sets, self.teacher = set_names, teacher
-        log(f"training: {len(self.train_idx)} crops, {self.n_classes} CosFace classes, targets {teacher} "
-            f"({self.t_dim}-d); validation: " + ", ".join(f"{k} {len(v[0])} crops {len(v[1])} pairs"
-                                                          for k, v in self.val.items()))
+        self.lfw_label[~self.trainable] = -1
+        self.sets, self.teacher, self.device = set_names, teacher, device
 
         def T(a):
             return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
+        self.T = T
+        self.img, self.label, self.is_utk = T(self.lfw), T(self.lfw_label), T(np.concatenate(utk))
+        self.train_idx = np.zeros(0, np.int64)
+        self.refresh()
+        if not len(self.train_idx):
+            raise SystemExit(f"no training crop has {teacher} targets yet: run targets.py")
+        for name, (idx, _pairs) in self.val.items():
+            if not self.lfw_have[idx].all():
+                raise SystemExit(f"{name}: validation crops lack {teacher} targets: run targets.py")
         self.t_mean = T(self.lfw_t[self.train_idx].mean(0))
-        self.img, self.tgt, self.have = T(self.lfw), T(self.views), T(self.lfw_have)
-        self.label, self.is_utk = T(self.lfw_label), T(np.concatenate(self.utk_of))
-        self.device = device
+        log(f"{self.n_classes} CosFace classes; validation: "
+            + ", ".join(f"{k} {len(v[0])} crops {len(v[1])} pairs" for k, v in self.val.items()))
+
+    def refresh(self) -> None:
+        """Re-read the targets cache; crops whose targets are finished join training."""
+        tv, have = zip(*(s.target(self.teacher) for s in self.cropsets))
+        self.views = np.concatenate(tv).astype(np.float32)
+        self.t_dim = self.views.shape[2]
+        self.lfw_have = np.concatenate(have)
+        before, self.train_idx = len(self.train_idx), np.nonzero(self.trainable & self.lfw_have)[0]
+        if len(self.train_idx) == before:
+            return
+        tf = self.views[:, 0] + self.views[:, 1]
+        self.lfw_t = tf / np.maximum(np.linalg.norm(tf, axis=1, keepdims=True), 1e-12)
+        self.tgt, self.have = self.T(self.views), self.T(self.lfw_have)
+        off, parts = 0, []
+        for s in self.cropsets:
+            n = int((self.trainable & self.lfw_have)[off:off + len(s)].sum())
+            parts.append(f"{s.name} {n}/{int(self.trainable[off:off + len(s)].sum())}")
+            off += len(s)
+        log(f"training crops with {self.teacher} targets: {len(self.train_idx)} ({', '.join(parts)})")
 
     def epoch_items(self, rng: np.random.Generator) -> torch.Tensor:
+        self.refresh()
         return torch.from_numpy(rng.permutation(self.train_idx)).to(self.device)
 
     def batch(self, rows: torch.Tensor):
@@ -621,7 +632,7 @@ def _half(sd: dict) -> dict:
     out = {}
     for k, v in sd.items():
         v = v.detach().cpu()
-        if v.is_floating_point() and float(v.abs().max(initial=0)) < 6e4:
+        if v.is_floating_point() and (v.numel() == 0 or float(v.abs().max()) < 6e4):
             v = v.half()
         out[k] = v.clone()
     return out
@@ -689,7 +700,8 @@ def main(argv=None) -> int:
                          "(mixup ratio uniform in [0, 1], no CosFace label)")
     ap.add_argument("--pack", default=None, help="read models/pack.py's file instead of ../shared")
     ap.add_argument("--val-ids", type=int, default=80, help="held-out TRAINING identities")
-    ap.add_argument("--val-every-min", type=float, default=10.0)
+    ap.add_argument("--val-every-min", type=float, default=10.0, help="0: no validation (smoke tests)")
+    ap.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
     ap.add_argument("--utk", action="store_true",
                     help="add UTKFace crops that have cached teacher embeddings (distillation only)")
     ap.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
@@ -712,8 +724,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=CKPT)
     v2 = ap.add_argument_group("MobiFace 2.0 (--sets): targets.py's EdgeFace-XS/SFace targets per view")
     v2.add_argument("--sets", default="", help="e.g. lfw,celeba,glint,utk: train on these sets' cached targets")
-    v2.add_argument("--teacher", default="concat", choices=["concat", "edgeface", "sface"],
-                    help="target: EdgeFace-XS and SFace concatenated (each unit norm), or one of them")
+    v2.add_argument("--teacher", default="edgeface", choices=["edgeface", "concat", "sface"],
+                    help="target: EdgeFace-XS, SFace, or both concatenated (each unit norm; model card)")
     v2.add_argument("--crops", action="append", help="SET=DIR crop folder, as for targets.py")
     v2.add_argument("--w-view", type=float, default=8.0,
                     help="weight of the per-view l2 term (each view's feature to the teacher's feature of that view)")
@@ -733,7 +745,7 @@ def main(argv=None) -> int:
         if bad:
             raise SystemExit(f"--sets trains on targets.py's cache; not with {', '.join(bad)}")
         # a run spread over sessions cannot know its wall-clock length: the schedule is in steps
-        args.total_steps = args.total_steps or 30_000
+        args.total_steps = args.total_steps or 10_000
         if not args.resume and os.path.exists(args.ckpt):
             raise SystemExit(f"{args.ckpt} exists: --resume continues it; another --ckpt starts a new run")
 
@@ -935,7 +947,7 @@ def main(argv=None) -> int:
 
     loss_fn = losses_sets if args.sets else losses
 
-    if args.init and step == 0:
+    if args.init and step == 0 and args.val_every_min > 0:
         do_val(what=" (init)")  # a fine-tune is kept only where it beats its starting point
     while not stop:
         rng = np.random.default_rng(args.seed * 7919 + epoch)
@@ -983,13 +995,13 @@ def main(argv=None) -> int:
             if swa is not None and p >= args.swa_start and step % args.swa_every == 0:
                 swa.update_parameters(model)
             run, run_steps = {k: run[k] + v.detach() for k, v in terms.items()}, run_steps + 1
-            if step % 20 == 0:
+            if step % args.log_every == 0:
                 el = time.time() - t0
                 m = {k: v.item() / run_steps for k, v in run.items()}
                 log(f"step {step} ep {epoch} lr {lr:.5f} " + " ".join(f"{k} {v:.4f}" for k, v in m.items()) + " | "
                     f"{seen / el:.1f} samples/s ({2 * seen / el:.1f} img/s) | {100 * p:.1f}% of budget")
                 run, run_steps = dict.fromkeys(weights, zero), 0
-            if time.time() - last_val > args.val_every_min * 60:
+            if args.val_every_min > 0 and time.time() - last_val > args.val_every_min * 60:
                 do_val()
             if time.time() - last_save > (args.save_every_min * 60 if args.sets else 300):
                 save_last()
@@ -998,7 +1010,8 @@ def main(argv=None) -> int:
             epoch += 1
             pos = 0
             g, host_g = generators(epoch)
-    do_val()
+    if args.val_every_min > 0:
+        do_val()
     save_last()
     if swa is not None and swa.n_averaged > 0:
         recalibrate_bn(swa.module, data, device)
