@@ -59,7 +59,7 @@ Checkpoints: models/checkpoints/{last,best}.pt (best = highest validation accura
 MobiFace 2.0 (--sets lfw,celeba,glint[,utk], targets.py's cache; `make train`). Per sample, with
 e = f(I), em = f(mirror I) (I after augmentation; its own mirroring swaps the two targets) and
 f = (e + em) / 2, t0, t1 the teacher's unit features of the view and of its mirror (--teacher:
-EdgeFace-XS and SFace concatenated, each unit norm, by default) and tf = unit(t0 + t1):
+EdgeFace-XS by default, SFace, or the two concatenated, each unit norm) and tf = unit(t0 + t1):
   * view (--w-view): (|| P e + b - t0 ||^2 + || P em + b - t1 ||^2) / 2, so that a single view is
     a good feature on its own (in 1.x only f was constrained, and single views verified near chance);
   * kd (--w-kd): || P f + b - tf ||^2, the paper's l2 loss on the Flipped-MobiFace feature;
