@@ -88,7 +88,12 @@ class CropSet:
         self.ids = [n.split(os.sep)[0] for n in self.names] if self.labelled else None
         self.held: set[str] = set()
         if name in VAL_IDS:
-            self.held = split_identities(self.names, SPLIT_SEED, VAL_IDS[name])
+            # drawn from the default crops' names, so other crops of the same photos (mobiface
+            # align skips photos without a face) hold out the same identities: a resumed run
+            # never validates on people it trained on
+            default = SETS[name][0]
+            base = self.names if os.path.realpath(default) == os.path.realpath(self.root) else list_images(default)
+            self.held = split_identities(base, SPLIT_SEED, VAL_IDS[name])
         self.is_val = np.array([self.ids is not None and self.ids[i] in self.held for i in range(len(self.names))])
 
     def __len__(self) -> int:

@@ -19,6 +19,12 @@ pub enum ErrorKind {
     BadImage,
     /// Landmarks that are not 5 finite points.
     BadLandmarks,
+    /// No face found in a photo sent without landmarks.
+    NoFace,
+    /// The face found is too small to recognise.
+    FaceTooSmall,
+    /// Several faces where the request asked for exactly one.
+    MultipleFaces,
     /// Too many images in one request.
     TooManyImages,
     /// Request body larger than the configured limit.
@@ -34,6 +40,8 @@ pub enum ErrorKind {
     QueueFull,
     /// Server is shutting down or the model is not ready.
     Unavailable,
+    /// The gallery's database (PostgreSQL) cannot be reached: retry shortly.
+    DatabaseUnavailable,
     Timeout,
     Internal,
 }
@@ -48,6 +56,9 @@ impl ErrorKind {
             InvalidArgument => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_argument"),
             BadImage => (StatusCode::BAD_REQUEST, "bad_image"),
             BadLandmarks => (StatusCode::BAD_REQUEST, "bad_landmarks"),
+            NoFace => (StatusCode::UNPROCESSABLE_ENTITY, "no_face"),
+            FaceTooSmall => (StatusCode::UNPROCESSABLE_ENTITY, "face_too_small"),
+            MultipleFaces => (StatusCode::UNPROCESSABLE_ENTITY, "multiple_faces"),
             TooManyImages => (StatusCode::UNPROCESSABLE_ENTITY, "too_many_images"),
             PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ImageTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "image_too_large"),
@@ -58,6 +69,7 @@ impl ErrorKind {
             RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             QueueFull => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),
             Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            DatabaseUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
             Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -66,7 +78,9 @@ impl ErrorKind {
     /// Seconds a client should wait before retrying, for the kinds where retrying helps.
     fn retry_after(self) -> Option<u32> {
         match self {
-            ErrorKind::QueueFull | ErrorKind::RateLimited => Some(1),
+            ErrorKind::QueueFull | ErrorKind::RateLimited | ErrorKind::DatabaseUnavailable => {
+                Some(1)
+            }
             ErrorKind::Unavailable => Some(5),
             _ => None,
         }

@@ -28,7 +28,27 @@ pub struct Metrics {
     pub identify_duration: Histogram,
     pub verify_duration: Histogram,
     pub similarity: Histogram,
+    /// One detector run on one photo, letterboxing and decoding included.
+    pub detection_duration: Histogram,
+    pub faces_per_image: Histogram,
+    /// Photos in which the detector found no face.
+    pub no_face: IntCounter,
     pub build_info: IntGaugeVec,
+    /// PostgreSQL replication: change-log rows committed but not yet in this
+    /// replica's index (head sequence minus applied sequence).
+    pub replication_lag: IntGauge,
+    pub replication_applied_seq: IntGauge,
+    /// 1 while the change-log listener is connected.
+    pub replication_connected: IntGauge,
+    /// Passes that applied changes this replica had not yet seen.
+    pub replication_catchups: IntCounter,
+    /// Whole-gallery reloads (start-up, or fallen behind the pruned log).
+    pub replication_reloads: IntCounter,
+    pub db_pool_size: IntGauge,
+    pub db_pool_available: IntGauge,
+    pub db_pool_waiting: IntGauge,
+    /// Time to get a pooled connection (waits show as the upper buckets).
+    pub db_pool_wait: Histogram,
 }
 
 /// Request latency: from a cache-hot 404 (~100 µs) to a large batch on a slow CPU (seconds).
@@ -45,6 +65,8 @@ const QUEUE_BUCKETS: &[f64] = &[
 ];
 /// Images per model run, mirror copies counted.
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+/// Faces the detector found in one photo.
+const FACES_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0];
 /// Search over an in-memory matrix: microseconds for small galleries, ~100 ms at 1M faces.
 /// Identify/verify durations include embedding the probe, so they reuse LATENCY_BUCKETS.
 fn similarity_buckets() -> Vec<f64> {
@@ -61,6 +83,13 @@ impl Metrics {
                 .register(Box::new(h.clone()))
                 .expect("metric names are unique");
             h
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("static counter options are valid");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric names are unique");
+            c
         };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("static gauge options are valid");
@@ -100,6 +129,11 @@ impl Metrics {
             "Faces embedded (mirror copies not counted).",
         )
         .expect("valid");
+        let no_face = IntCounter::new(
+            "mobiface_detection_no_face_total",
+            "Photos sent without landmarks in which no face was found.",
+        )
+        .expect("valid");
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "mobiface_build_info",
@@ -113,6 +147,7 @@ impl Metrics {
             Box::new(http_duration.clone()),
             Box::new(rejected.clone()),
             Box::new(faces_embedded.clone()),
+            Box::new(no_face.clone()),
             Box::new(build_info.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -170,7 +205,55 @@ impl Metrics {
                 "Similarities returned by verify and identify.",
                 &similarity_buckets(),
             ),
+            replication_lag: gauge(
+                "mobiface_replication_lag_changes",
+                "Change-log rows committed in PostgreSQL but not yet applied to this replica's index.",
+            ),
+            replication_applied_seq: gauge(
+                "mobiface_replication_applied_seq",
+                "Last change-log sequence applied to this replica's index.",
+            ),
+            replication_connected: gauge(
+                "mobiface_replication_connected",
+                "1 while this replica's change-log listener is connected to PostgreSQL.",
+            ),
+            replication_catchups: counter(
+                "mobiface_replication_catchups_total",
+                "Change-log passes that applied changes (after a notification or a periodic catch-up).",
+            ),
+            replication_reloads: counter(
+                "mobiface_replication_reloads_total",
+                "Whole-gallery reloads (start-up, or fallen behind the pruned change log).",
+            ),
+            db_pool_size: gauge(
+                "mobiface_db_pool_connections",
+                "PostgreSQL connections the pool holds now.",
+            ),
+            db_pool_available: gauge(
+                "mobiface_db_pool_available",
+                "Idle PostgreSQL connections in the pool.",
+            ),
+            db_pool_waiting: gauge(
+                "mobiface_db_pool_waiting",
+                "Requests waiting for a PostgreSQL connection.",
+            ),
+            db_pool_wait: hist(
+                "mobiface_db_pool_wait_seconds",
+                "Time to get a pooled PostgreSQL connection.",
+                QUEUE_BUCKETS,
+            ),
+            detection_duration: hist(
+                "mobiface_detection_duration_seconds",
+                "Face detection on one photo (canvas, detector run, decoding).",
+                INFERENCE_BUCKETS,
+            ),
+            faces_per_image: hist(
+                "mobiface_detection_faces",
+                "Faces found per photo sent without landmarks.",
+                FACES_BUCKETS,
+            ),
             registry,
+            no_face,
             http_requests,
             http_duration,
             faces_embedded,
@@ -208,6 +291,7 @@ pub fn rejection_reason(kind: crate::error::ErrorKind) -> Option<&'static str> {
         RateLimited => Some("rate_limited"),
         Timeout => Some("timeout"),
         Unavailable => Some("unavailable"),
+        DatabaseUnavailable => Some("database_unavailable"),
         // Ordinary client mistakes and internal faults are not rejections; a wildcard
         // keeps new kinds from breaking the build of this module.
         _ => None,

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
+use crate::detection::Detector;
 use crate::engine::Engine;
 use crate::gallery::Gallery;
 use crate::metrics::Metrics;
@@ -32,6 +33,16 @@ impl Application {
             tokio::task::spawn_blocking(move || Engine::start(&engine_cfg, engine_metrics))
                 .await
                 .context("engine start-up panicked")??;
+        let (detector_cfg, engine_cfg, detector_metrics) = (
+            config.detection.clone(),
+            config.engine.clone(),
+            metrics.clone(),
+        );
+        let detector = tokio::task::spawn_blocking(move || {
+            Detector::load(&detector_cfg, &engine_cfg, detector_metrics)
+        })
+        .await
+        .context("detector start-up panicked")??;
         let info = engine.info().clone();
         if !info.trained {
             tracing::warn!(
@@ -49,15 +60,9 @@ impl Application {
             Some(t) => t,
             None => info.threshold,
         };
-        let (db, model_id, dim, gm) = (
-            config.database.clone(),
-            info.id(),
-            info.dim,
-            metrics.clone(),
-        );
-        let gallery = tokio::task::spawn_blocking(move || Gallery::open(&db, &model_id, dim, gm))
+        let gallery = Gallery::connect(&config.gallery, &info.id(), info.dim, metrics.clone())
             .await
-            .context("gallery start-up panicked")??;
+            .context("opening the gallery")?;
         metrics
             .build_info
             .with_label_values(&[
@@ -73,6 +78,7 @@ impl Application {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let state = AppState {
             engine,
+            detector: Arc::new(detector),
             gallery,
             metrics,
             config: Arc::new(config),

@@ -30,6 +30,7 @@ use crate::error::{ErrorBody, ErrorDetail};
         super::health::healthz,
         super::health::readyz,
         super::embed::embed,
+        super::detect::detect,
         super::subjects::create_subject,
         super::subjects::list_subjects,
         super::subjects::get_subject,

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::input::{ImageInput, JsonOrMultipart, MultipartFields};
+use super::input::{FaceOptions, FaceReport, ImageInput, JsonOrMultipart, MultipartFields};
 use super::AppState;
 use crate::error::{ApiError, ErrorBody};
 use crate::gallery::{Subject, SubjectDetail, SubjectPage};
@@ -41,6 +41,14 @@ pub struct ListParams {
 pub struct AddFace {
     /// The face to enrol (multipart: an `image` file part).
     pub image: ImageInput,
+    /// Run the face detector even on a 112x112 image without landmarks (otherwise taken as an
+    /// aligned crop).
+    #[serde(default)]
+    pub detect: Option<bool>,
+    /// Refuse (422 `multiple_faces`) a photo holding several recognisable faces instead of
+    /// using the largest.
+    #[serde(default)]
+    pub single_face: bool,
 }
 
 impl MultipartFields for AddFace {}
@@ -51,6 +59,9 @@ pub struct FaceCreated {
     pub face_id: Uuid,
     #[schema(value_type = String)]
     pub subject_id: Uuid,
+    /// The face that was enrolled.
+    #[serde(flatten)]
+    pub face: FaceReport,
 }
 
 /// Ids in paths: anything that is not a UUID cannot name a stored object, so
@@ -70,6 +81,7 @@ fn path_error(e: PathRejection) -> ApiError {
     responses(
         (status = 201, body = Subject),
         (status = 422, description = "Empty or long name, metadata not an object or too large, wrong JSON shape", body = ErrorBody),
+        (status = 503, description = "Gallery database unreachable (PostgreSQL backend; see Retry-After)", body = ErrorBody),
     ),
     tag = "gallery"
 )]
@@ -88,6 +100,7 @@ pub async fn create_subject(
     responses(
         (status = 200, body = SubjectPage, description = "Subjects in creation order"),
         (status = 422, description = "Bad limit or cursor", body = ErrorBody),
+        (status = 503, description = "Gallery database unreachable (PostgreSQL backend; see Retry-After)", body = ErrorBody),
     ),
     tag = "gallery"
 )]
@@ -106,6 +119,7 @@ pub async fn list_subjects(
     responses(
         (status = 200, body = SubjectDetail),
         (status = 404, description = "No such subject", body = ErrorBody),
+        (status = 503, description = "Gallery database unreachable (PostgreSQL backend; see Retry-After)", body = ErrorBody),
     ),
     tag = "gallery"
 )]
@@ -125,6 +139,7 @@ pub async fn get_subject(
     responses(
         (status = 204, description = "Deleted, with all its faces"),
         (status = 404, description = "No such subject", body = ErrorBody),
+        (status = 503, description = "Gallery database unreachable (PostgreSQL backend; see Retry-After)", body = ErrorBody),
     ),
     tag = "gallery"
 )]
@@ -148,8 +163,8 @@ pub async fn delete_subject(
         (status = 400, description = "Undecodable image or bad landmarks", body = ErrorBody),
         (status = 404, description = "No such subject", body = ErrorBody),
         (status = 413, description = "Body or image too large", body = ErrorBody),
-        (status = 422, description = "Wrong JSON shape", body = ErrorBody),
-        (status = 503, description = "Inference queue full (see Retry-After)", body = ErrorBody),
+        (status = 422, description = "Wrong JSON shape, or no usable face (`no_face`, `face_too_small`, `multiple_faces`)", body = ErrorBody),
+        (status = 503, description = "Inference queue full, or the gallery database unreachable (see Retry-After)", body = ErrorBody),
     ),
     tag = "gallery"
 )]
@@ -160,18 +175,20 @@ pub async fn add_face(
 ) -> Result<(StatusCode, Json<FaceCreated>), ApiError> {
     let Path(id) = id.map_err(path_error)?;
     let subject_id = parse_id(&id, "subject")?;
-    if !state.gallery.has_subject(&subject_id) {
+    if !state.gallery.subject_exists(&subject_id).await? {
         return Err(ApiError::not_found(format!(
             "no subject with id {subject_id}"
         )));
     }
-    let embedding = state.embed_one(&req.image).await?;
+    let opts = FaceOptions::new(req.detect, req.single_face);
+    let (embedding, face) = state.embed_one(&req.image, opts).await?;
     let face_id = state.gallery.add_face(subject_id, embedding).await?;
     Ok((
         StatusCode::CREATED,
         Json(FaceCreated {
             face_id,
             subject_id,
+            face,
         }),
     ))
 }
@@ -186,6 +203,7 @@ pub async fn add_face(
     responses(
         (status = 204, description = "Deleted"),
         (status = 404, description = "No such subject, or no such face under it", body = ErrorBody),
+        (status = 503, description = "Gallery database unreachable (PostgreSQL backend; see Retry-After)", body = ErrorBody),
     ),
     tag = "gallery"
 )]

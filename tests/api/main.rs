@@ -1,6 +1,8 @@
 //! HTTP-level tests against the real application (one test binary, one helper).
+mod detect;
 mod embed;
 mod gallery;
 mod helpers;
 mod ops;
+mod replicas;
 mod trained;

@@ -123,6 +123,10 @@ def parse_dockerfile(path: Path) -> tuple[dict[str, str], list[Stage]]:
                 lib = ort_lib.replace("$(ORT_DIR)", makefile_var("ORT_DIR")).replace(
                     "$(ORT_VERSION)", makefile_var("ORT_VERSION"))
                 st.produced.add(f"{st.workdir.rstrip('/')}/{lib}")
+            if re.search(r"\bmake\b[^&;]*\bdetector\b", cmd):
+                folder = makefile_var("DETECTOR_DIR")
+                for f in (makefile_var("DETECTOR").replace("$(DETECTOR_DIR)", folder), f"{folder}/LICENSE.txt"):
+                    st.produced.add(f"{st.workdir.rstrip('/')}/{f}")
             for m in re.finditer(r"mkdir -p ([^&;]+)", cmd):
                 for d in m.group(1).split():
                     st.produced.add(d.rstrip("/") + "/")
@@ -198,6 +202,8 @@ def main() -> int:
               f"build stage uses the Rust toolchain on bookworm ({build.base})")
         runs = build.all_runs()
         check(any(re.search(r"\bmake ort\b", r) for r in runs), "build stage runs `make ort` like the Makefile")
+        check(any(re.search(r"\bmake\b[^&;]*\bdetector\b", r) for r in runs),
+              "build stage runs `make detector` like the Makefile")
         check(any(re.search(r"\bcargo build --release\b", r) for r in runs), "build stage runs `cargo build --release`")
 
     # Every COPY from the build context exists and is not excluded by .dockerignore.
@@ -254,6 +260,11 @@ def main() -> int:
         tool = (shlex.split(st.healthcheck.split("CMD", 1)[1])[0] if st.healthcheck and "CMD" in st.healthcheck else "")
         check(tool == "curl" and any(re.search(r"apt-get install[^&]*\bcurl\b", r) for r in st.runs),
               f"[{n}] the HEALTHCHECK tool ({tool}) is installed in the image")
+        det = st.env.get("MOBIFACE_DETECTOR", "")
+        check(bool(det) and any(c["dest"].rstrip("/") == str(Path(det).parent)
+                                and any(Path(x).name == Path(det).name for x in c["srcs"])
+                                for c in st.copies),
+              f"[{n}] MOBIFACE_DETECTOR ({det}) is COPY'd into the image")
         data = st.env.get("MOBIFACE_DATABASE", "")
         check(any(data.startswith(v.rstrip("/") + "/") for v in st.volumes),
               f"[{n}] MOBIFACE_DATABASE ({data}) lies on a VOLUME {st.volumes}")
@@ -327,6 +338,25 @@ def main() -> int:
     grace = pod.get("terminationGracePeriodSeconds", 30)
     check(int(env.get("MOBIFACE_SHUTDOWN_TIMEOUT_S", "20")) < grace,
           "k8s grace period exceeds the service's shutdown timeout")
+
+    # k8s PostgreSQL overlay: builds on the base, takes the URL from a secret, scales out.
+    overlay = yaml.safe_load((ROOT / "deploy/k8s/postgres/kustomization.yaml").read_text())
+    check(overlay.get("resources") == [".."], "k8s postgres overlay builds on the SQLite base")
+    ops = {}
+    for p in overlay.get("patches", []):
+        body = yaml.safe_load(p["patch"])
+        ops[p["target"]["kind"]] = body if isinstance(body, list) else body
+    hpa_ops = {o["path"]: o.get("value") for o in ops.get("HorizontalPodAutoscaler", [])}
+    check((hpa_ops.get("/spec/maxReplicas") or 1) > 1, "k8s postgres overlay lets the HPA scale out")
+    dep_ops = {o["path"]: o for o in ops.get("Deployment", [])}
+    env1 = (dep_ops.get("/spec/template/spec/containers/0/env/1") or {}).get("value", {})
+    base_env = ctr.get("env", [])
+    check(len(base_env) > 1 and base_env[1]["name"] == "MOBIFACE_DATABASE"
+          and env1.get("name") == "MOBIFACE_DATABASE" and "secretKeyRef" in env1.get("valueFrom", {}),
+          "k8s postgres overlay replaces env[1] (MOBIFACE_DATABASE) with the URL from a secret")
+    check(ctr.get("volumeMounts", [{}])[0].get("name") == "data" and pod.get("volumes", [{}])[0].get("name") == "data",
+          "k8s postgres overlay removes the gallery volume it addresses by position")
+    check(ops.get("PersistentVolumeClaim", {}).get("$patch") == "delete", "k8s postgres overlay drops the PVC")
     return summary()
 
 
