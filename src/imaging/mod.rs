@@ -8,7 +8,7 @@ mod align;
 mod decode;
 
 pub use align::{face_crop, parse_landmarks, Landmarks, TEMPLATE};
-pub use decode::{decode, DecodeLimits};
+pub use decode::{decode, decoded_size, DecodeLimits};
 
 /// Side of the square RGB face crop the model consumes.
 pub const FACE_SIZE: u32 = 112;
