@@ -1,6 +1,7 @@
 //! HTTP-level tests against the real application (one test binary, one helper).
 mod embed;
 mod gallery;
+mod hardening;
 mod helpers;
 mod ops;
 mod trained;
