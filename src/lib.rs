@@ -5,6 +5,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod fuzzing;
 pub mod gallery;
 pub mod imaging;
 pub mod metrics;

@@ -151,13 +151,15 @@ pub trait MultipartFields {
 /// values (falling back to strings).
 pub struct JsonOrMultipart<T>(pub T);
 
-impl<T> FromRequest<AppState> for JsonOrMultipart<T>
+// Generic over the state (it reads none), so the fuzz targets can run it without an app.
+impl<T, S> FromRequest<S> for JsonOrMultipart<T>
 where
     T: DeserializeOwned + MultipartFields + Send,
+    S: Send + Sync,
 {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let content_type = req
             .headers()
             .get(CONTENT_TYPE)
