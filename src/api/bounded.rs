@@ -116,6 +116,32 @@ impl LandmarkInput {
     }
 }
 
+/// An integer as JSON Schema counts them: `5`, or `5.0` (a number with no fraction).
+pub fn integral<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    struct V;
+    impl Visitor<'_> for V {
+        type Value = i64;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an integer")
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<i64, E> {
+            Ok(v)
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<i64, E> {
+            i64::try_from(v).map_err(|_| E::custom(format!("{v} is out of range")))
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<i64, E> {
+            // 2^63 is exact in f64; anything from it up does not fit.
+            if v.fract() == 0.0 && v.abs() < 9.223_372_036_854_775_808e18 {
+                Ok(v as i64)
+            } else {
+                Err(E::invalid_type(de::Unexpected::Float(v), &self))
+            }
+        }
+    }
+    d.deserialize_any(V)
+}
+
 impl<'de> Deserialize<'de> for ImageInput {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(serde::Deserialize)]
@@ -183,6 +209,10 @@ impl utoipa::PartialSchema for ImageInput {
             .min_items(Some(2))
             .max_items(Some(2));
         let landmarks = ArrayBuilder::new()
+            .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+                Type::Array,
+                Type::Null,
+            ]))
             .items(point)
             .min_items(Some(5))
             .max_items(Some(5))
@@ -226,6 +256,14 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::BadLandmarks);
         assert!(e.message.contains("got 100000"), "{}", e.message);
         let l: LandmarkInput = serde_json::from_str("[[1,2,3]]").unwrap();
+        #[derive(serde::Deserialize)]
+        struct K {
+            #[serde(deserialize_with = "integral")]
+            k: i64,
+        }
+        let k = |t: &str| serde_json::from_str::<K>(t).map(|k| k.k).ok();
+        assert_eq!((k(r#"{"k":74.0}"#), k(r#"{"k":-3}"#)), (Some(74), Some(-3)));
+        assert_eq!((k(r#"{"k":1.5}"#), k(r#"{"k":1e300}"#)), (None, None));
         assert!(l.parse().unwrap_err().message.contains("got 3 numbers"));
     }
 
