@@ -40,6 +40,10 @@ prometheus-tools:
 run: ort
 	cargo run --release --locked -- serve
 
+## Examples per operation and phase for schemathesis in `make test` (about a minute for the
+## open and the keyed run together); raise it, or see tests/ops/schemathesis_check.py, to run longer.
+SCHEMATHESIS_EXAMPLES ?= 20
+
 ## Everything CI runs: model graph checks, Dockerfile checks, all Rust tests
 ## (real model, real SQLite, real HTTP), and the real-Prometheus proof. `cargo test`
 ## also builds target/debug/mobiface, with the tests' feature set, for that proof
@@ -49,6 +53,7 @@ test: ort venv prometheus-tools
 	$(VENV)/bin/python tests/ops/check_dockerfile.py
 	cargo test --locked
 	$(VENV)/bin/python tests/ops/prometheus_check.py --bin target/debug/mobiface
+	$(VENV)/bin/python tests/ops/schemathesis_check.py --bin target/debug/mobiface --max-examples $(SCHEMATHESIS_EXAMPLES)
 
 lint:
 	cargo fmt --check

@@ -31,7 +31,8 @@ pub struct Application {
 }
 
 impl Application {
-    pub async fn build(config: Config) -> anyhow::Result<Application> {
+    pub async fn build(mut config: Config) -> anyhow::Result<Application> {
+        config.max_connections = within_descriptor_limit(config.max_connections);
         let metrics = Arc::new(Metrics::new());
         let engine_cfg = config.engine.clone();
         let engine_metrics = metrics.clone();
@@ -193,6 +194,36 @@ impl Application {
         state.gallery.close().await.context("closing the gallery")?;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Descriptors kept for everything but client connections: the gallery's files, the model,
+/// logs, ONNX Runtime's own.
+const RESERVED_DESCRIPTORS: usize = 64;
+
+/// `--max-connections`, lowered to what the process's open-files limit leaves, so the cap is
+/// reached (and logged) before `accept` ever fails for want of a descriptor.
+fn within_descriptor_limit(wanted: usize) -> usize {
+    // Linux: "Max open files  <soft>  <hard>  files"; elsewhere no clamp.
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
+        })
+        .and_then(|v| v.parse::<usize>().ok());
+    match soft {
+        Some(limit) if wanted + RESERVED_DESCRIPTORS > limit => {
+            let capped = limit.saturating_sub(RESERVED_DESCRIPTORS).max(1);
+            tracing::warn!(
+                max_connections = wanted,
+                open_files_limit = limit,
+                "--max-connections lowered to {capped} to stay within the open-files limit"
+            );
+            capped
+        }
+        _ => wanted,
     }
 }
 

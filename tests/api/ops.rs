@@ -591,7 +591,16 @@ fn routes_in_source() -> BTreeSet<(String, String)> {
 
 #[tokio::test]
 async fn openapi_covers_every_route_and_validates() {
-    let app = spawn_app().await;
+    // Security is documented as configured: none on an open server.
+    let open = spawn_app().await;
+    let doc: Value = open.get("/openapi.json").await.json().await.unwrap();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            assert!(op.get("security").is_none(), "open: {method} {path} claims security");
+            assert!(op["responses"].get("401").is_none(), "open: {method} {path} lists 401");
+        }
+    }
+    let (app, _keys) = spawn_with_keys(false).await;
     let resp = app.get("/openapi.json").await;
     assert_eq!(resp.status(), 200);
     let doc: Value = resp.json().await.unwrap();
