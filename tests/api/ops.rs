@@ -845,8 +845,13 @@ async fn sigterm_during_a_burst_finishes_cleanly_and_exits_0() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     server.sigterm();
-    // Requests sent from here on find the listener closed (or a 503).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Requests sent from here on find the listener closed (or a 503). Waiting for the log
+    // line, not a fixed pause: on a loaded machine the signal may take a while to be handled.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !server.log().contains("listener closed") {
+        assert!(Instant::now() < deadline, "listener never closed:\n{}", server.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let late: Vec<_> = (0..12).map(|_| send(client.clone())).collect();
 
     let (mut completed, mut refused) = (0, 0);
