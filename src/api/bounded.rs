@@ -132,7 +132,7 @@ pub fn integral<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
         }
         fn visit_f64<E: de::Error>(self, v: f64) -> Result<i64, E> {
             // 2^63 is exact in f64; anything from it up does not fit.
-            if v.fract() == 0.0 && v.abs() < 9.223_372_036_854_775_808e18 {
+            if v.fract() == 0.0 && v.abs() < 2f64.powi(63) {
                 Ok(v as i64)
             } else {
                 Err(E::invalid_type(de::Unexpected::Float(v), &self))
