@@ -239,7 +239,7 @@ fn exact_operation(
                 // The cursor is a non-negative i64 (the `next` of the previous page); empty
                 // means the first page.
                 (Some("query"), Some("after")) => {
-                    p["schema"] = json!({"type": ["string", "null"], "pattern": "^\\+?0*([0-9]{0,18}|[1-8][0-9]{18})$"})
+                    p["schema"] = json!({"type": ["string", "null"], "pattern": "^(\\+?0*([0-9]{1,18}|[1-8][0-9]{18}))?$"})
                 }
                 _ => {}
             }
