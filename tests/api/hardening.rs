@@ -446,3 +446,72 @@ async fn hostile_bodies_get_the_right_error() {
         }
     }
 }
+
+/// Finding 5: the bounds schemathesis found missing are in the served document, security
+/// is as configured, and the face-deleting operation is reachable through a link. (The
+/// full contract check is tests/ops/schemathesis_check.py, run by `make test`.)
+#[tokio::test]
+async fn served_openapi_states_the_bounds_the_server_enforces() {
+    let app = spawn_app().await;
+    let doc: Value = app.get("/openapi.json").await.json().await.unwrap();
+    let schemas = &doc["components"]["schemas"];
+    let op = |path: &str, method: &str| doc["paths"][path][method].clone();
+    let param = |path: &str, name: &str| {
+        op(path, "get")["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()["schema"]
+            .clone()
+    };
+    assert_eq!(param("/subjects", "limit")["minimum"], 1);
+    assert_eq!(
+        schemas["IdentifyRequest"]["properties"]["top_k"]["minimum"],
+        1
+    );
+    assert_eq!(
+        schemas["CreateSubject"]["properties"]["name"]["minLength"],
+        1
+    );
+    assert_eq!(
+        schemas["EmbedRequest"]["properties"]["images"]["minItems"],
+        1
+    );
+    assert_eq!(
+        schemas["EmbedRequest"]["properties"]["images"]["maxItems"],
+        32
+    );
+    assert_eq!(schemas["ImageInput"]["oneOf"][0]["minLength"], 1);
+    // Every shape of /verify names a probe and a reference: a body of nulls matches none.
+    for shape in schemas["VerifyRequest"]["oneOf"].as_array().unwrap() {
+        assert_eq!(shape["required"].as_array().unwrap().len(), 2, "{shape}");
+    }
+    for (path, method) in [
+        ("/embed", "post"),
+        ("/subjects", "post"),
+        ("/verify", "post"),
+    ] {
+        let responses = &op(path, method)["responses"];
+        for code in ["400", "413", "415", "422"] {
+            assert!(
+                responses.get(code).is_some(),
+                "{method} {path} lacks {code}"
+            );
+        }
+        assert!(
+            op(path, method)["requestBody"]["content"]["application/json"]["example"].is_object(),
+            "{method} {path} has no example"
+        );
+    }
+    // An open server claims no security; /metrics is open by default.
+    assert!(op("/metrics", "get").get("security").is_none());
+    assert!(op("/embed", "post").get("security").is_none());
+    let links = &op("/subjects/{id}/faces", "post")["responses"]["201"]["links"];
+    assert_eq!(links["DeleteFace"]["operationId"], "delete_face");
+    // The example image is a real one: the server embeds it.
+    let example =
+        op("/embed", "post")["requestBody"]["content"]["application/json"]["example"].clone();
+    let resp = app.post_json("/embed", &example).await;
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+}

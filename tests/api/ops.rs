@@ -596,8 +596,14 @@ async fn openapi_covers_every_route_and_validates() {
     let doc: Value = open.get("/openapi.json").await.json().await.unwrap();
     for (path, item) in doc["paths"].as_object().unwrap() {
         for (method, op) in item.as_object().unwrap() {
-            assert!(op.get("security").is_none(), "open: {method} {path} claims security");
-            assert!(op["responses"].get("401").is_none(), "open: {method} {path} lists 401");
+            assert!(
+                op.get("security").is_none(),
+                "open: {method} {path} claims security"
+            );
+            assert!(
+                op["responses"].get("401").is_none(),
+                "open: {method} {path} lists 401"
+            );
         }
     }
     let (app, _keys) = spawn_with_keys(false).await;
@@ -849,7 +855,11 @@ async fn sigterm_during_a_burst_finishes_cleanly_and_exits_0() {
     // line, not a fixed pause: on a loaded machine the signal may take a while to be handled.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !server.log().contains("listener closed") {
-        assert!(Instant::now() < deadline, "listener never closed:\n{}", server.log());
+        assert!(
+            Instant::now() < deadline,
+            "listener never closed:\n{}",
+            server.log()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let late: Vec<_> = (0..12).map(|_| send(client.clone())).collect();
