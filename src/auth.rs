@@ -131,7 +131,9 @@ pub fn required_scope(method: &Method, path: &str, metrics_require_key: bool) ->
         "/healthz" | "/readyz" | "/openapi.json" => None,
         "/metrics" if !metrics_require_key => None,
         _ if method == Method::GET || method == Method::HEAD => Some(Scope::Read),
-        "/embed" | "/verify" | "/identify" if method == Method::POST => Some(Scope::Read),
+        "/embed" | "/detect" | "/verify" | "/identify" if method == Method::POST => {
+            Some(Scope::Read)
+        }
         _ => Some(Scope::Admin),
     }
 }

@@ -81,6 +81,31 @@ impl EngineConfig {
     }
 }
 
+/// The face detector used on photos sent without landmarks; shared by `serve`, `eval` and `align`.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct DetectorConfig {
+    /// Face detector (YuNet ONNX file); `make detector` fetches it.
+    #[arg(
+        long,
+        env = "MOBIFACE_DETECTOR",
+        default_value = "third_party/yunet/face_detection_yunet_2023mar.onnx"
+    )]
+    pub detector: PathBuf,
+    /// Least detector score in [0, 1] for a face to count.
+    #[arg(long, env = "MOBIFACE_DETECTOR_SCORE", default_value_t = 0.5)]
+    pub detector_score: f32,
+    /// Detector sessions (photos detected at once).
+    #[arg(long, env = "MOBIFACE_DETECTOR_SESSIONS", default_value_t = 2)]
+    pub detector_sessions: usize,
+    /// ONNX Runtime intra-op threads per detector session.
+    #[arg(long, env = "MOBIFACE_DETECTOR_INTRA_THREADS", default_value_t = 1)]
+    pub detector_intra_threads: usize,
+    /// Smallest distance between the eyes, in photo pixels, of a face that is recognised
+    /// (smaller faces get 422 `face_too_small`).
+    #[arg(long, env = "MOBIFACE_MIN_EYE_DISTANCE", default_value_t = 10.0)]
+    pub min_eye_distance: f32,
+}
+
 /// Everything `mobiface serve` takes.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct Config {
@@ -89,6 +114,8 @@ pub struct Config {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub engine: EngineConfig,
+    #[command(flatten)]
+    pub detection: DetectorConfig,
     /// SQLite gallery file; its folder is created if missing.
     #[arg(long, env = "MOBIFACE_DATABASE", default_value = "data/gallery.db")]
     pub database: PathBuf,

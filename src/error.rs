@@ -19,6 +19,12 @@ pub enum ErrorKind {
     BadImage,
     /// Landmarks that are not 5 finite points.
     BadLandmarks,
+    /// No face found in a photo sent without landmarks.
+    NoFace,
+    /// The face found is too small to recognise.
+    FaceTooSmall,
+    /// Several faces where the request asked for exactly one.
+    MultipleFaces,
     /// Too many images in one request.
     TooManyImages,
     /// Request body larger than the configured limit.
@@ -51,6 +57,9 @@ impl ErrorKind {
             InvalidArgument => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_argument"),
             BadImage => (StatusCode::BAD_REQUEST, "bad_image"),
             BadLandmarks => (StatusCode::BAD_REQUEST, "bad_landmarks"),
+            NoFace => (StatusCode::UNPROCESSABLE_ENTITY, "no_face"),
+            FaceTooSmall => (StatusCode::UNPROCESSABLE_ENTITY, "face_too_small"),
+            MultipleFaces => (StatusCode::UNPROCESSABLE_ENTITY, "multiple_faces"),
             TooManyImages => (StatusCode::UNPROCESSABLE_ENTITY, "too_many_images"),
             PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ImageTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "image_too_large"),

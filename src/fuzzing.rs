@@ -22,15 +22,23 @@ const LIMITS: DecodeLimits = DecodeLimits {
     max_decoded_bytes: 4 << 20,
 };
 
-/// Image bytes through the decoder and the face crop, as the service runs them.
+/// Image bytes through the decoder and the aligned face crop, as the service runs them
+/// (with the template's points scaled to the picture standing in for the detector's, which
+/// needs its ONNX model).
 pub fn decode_and_crop(data: &[u8]) {
     if let Ok(size) = imaging::decoded_size(data, &LIMITS) {
         assert!(size <= LIMITS.max_decoded_bytes);
     }
     if let Ok(img) = imaging::decode(data, &LIMITS) {
         assert!(img.width() <= LIMITS.max_side && img.height() <= LIMITS.max_side);
-        let face = imaging::face_crop(&img, None);
-        assert_eq!(face.dimensions(), (imaging::FACE_SIZE, imaging::FACE_SIZE));
+        let (sx, sy) = (
+            img.width() as f32 / imaging::FACE_SIZE as f32,
+            img.height() as f32 / imaging::FACE_SIZE as f32,
+        );
+        let points = imaging::TEMPLATE.map(|[x, y]| [x as f32 * sx, y as f32 * sy]);
+        if let Some(face) = imaging::align(&img, &points) {
+            assert_eq!(face.dimensions(), (imaging::FACE_SIZE, imaging::FACE_SIZE));
+        }
     }
 }
 
@@ -49,8 +57,9 @@ pub fn align(data: &[u8]) {
     let (w, h) = (u32::from(data[40]) + 1, u32::from(data[41]) + 1);
     if let Ok(landmarks) = imaging::parse_landmarks(&points) {
         let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 128]));
-        let face = imaging::face_crop(&img, Some(&landmarks));
-        assert_eq!(face.dimensions(), (imaging::FACE_SIZE, imaging::FACE_SIZE));
+        if let Some(face) = imaging::align(&img, &landmarks) {
+            assert_eq!(face.dimensions(), (imaging::FACE_SIZE, imaging::FACE_SIZE));
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod detection;
 pub mod engine;
 pub mod error;
 pub mod eval;

@@ -18,6 +18,9 @@ enum Command {
     Serve(Box<Config>),
     /// Measure verification accuracy on an LFW-style pairs file through the service's own engine.
     Eval(Box<mobiface::eval::EvalArgs>),
+    /// Detect and align the face in every photo under a folder into 112x112 crops, with the
+    /// service's own detector and aligner.
+    Align(Box<mobiface::detection::align_dir::AlignArgs>),
 }
 
 fn main() -> ExitCode {
@@ -25,6 +28,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(config) => serve(*config),
         Command::Eval(args) => mobiface::eval::run(*args),
+        Command::Align(args) => mobiface::detection::align_dir::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -28,6 +28,11 @@ pub struct Metrics {
     pub identify_duration: Histogram,
     pub verify_duration: Histogram,
     pub similarity: Histogram,
+    /// One detector run on one photo, letterboxing and decoding included.
+    pub detection_duration: Histogram,
+    pub faces_per_image: Histogram,
+    /// Photos in which the detector found no face.
+    pub no_face: IntCounter,
     pub build_info: IntGaugeVec,
     /// Open HTTP connections (capped by --max-connections).
     pub connections_open: IntGauge,
@@ -54,6 +59,8 @@ const QUEUE_BUCKETS: &[f64] = &[
 ];
 /// Images per model run, mirror copies counted.
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+/// Faces the detector found in one photo.
+const FACES_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0];
 /// Search over an in-memory matrix: microseconds for small galleries, ~100 ms at 1M faces.
 /// Identify/verify durations include embedding the probe, so they reuse LATENCY_BUCKETS.
 fn similarity_buckets() -> Vec<f64> {
@@ -116,6 +123,11 @@ impl Metrics {
             "Faces embedded (mirror copies not counted).",
         )
         .expect("valid");
+        let no_face = IntCounter::new(
+            "mobiface_detection_no_face_total",
+            "Photos sent without landmarks in which no face was found.",
+        )
+        .expect("valid");
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "mobiface_build_info",
@@ -129,6 +141,7 @@ impl Metrics {
             Box::new(http_duration.clone()),
             Box::new(rejected.clone()),
             Box::new(faces_embedded.clone()),
+            Box::new(no_face.clone()),
             Box::new(build_info.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -206,7 +219,18 @@ impl Metrics {
                 "mobiface_auth_throttled_total",
                 "Requests answered 429 because their client address failed authentication too often.",
             ),
+            detection_duration: hist(
+                "mobiface_detection_duration_seconds",
+                "Face detection on one photo (canvas, detector run, decoding).",
+                INFERENCE_BUCKETS,
+            ),
+            faces_per_image: hist(
+                "mobiface_detection_faces",
+                "Faces found per photo sent without landmarks.",
+                FACES_BUCKETS,
+            ),
             registry,
+            no_face,
             http_requests,
             http_duration,
             faces_embedded,

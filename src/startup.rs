@@ -20,6 +20,7 @@ use crate::api::admission::DecodeBudget;
 use crate::api::bounded::MAX_IMAGES_HARD;
 use crate::api::{self, AppState};
 use crate::config::Config;
+use crate::detection::Detector;
 use crate::engine::Engine;
 use crate::gallery::Gallery;
 use crate::metrics::Metrics;
@@ -41,6 +42,16 @@ impl Application {
             tokio::task::spawn_blocking(move || Engine::start(&engine_cfg, engine_metrics))
                 .await
                 .context("engine start-up panicked")??;
+        let (detector_cfg, engine_cfg, detector_metrics) = (
+            config.detection.clone(),
+            config.engine.clone(),
+            metrics.clone(),
+        );
+        let detector = tokio::task::spawn_blocking(move || {
+            Detector::load(&detector_cfg, &engine_cfg, detector_metrics)
+        })
+        .await
+        .context("detector start-up panicked")??;
         let info = engine.info().clone();
         if !info.trained {
             tracing::warn!(
@@ -95,6 +106,7 @@ impl Application {
         );
         let state = AppState {
             engine,
+            detector: Arc::new(detector),
             gallery,
             metrics,
             config: Arc::new(config),

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::bounded::ImageList;
-use super::input::{ImageInput, JsonOrMultipart, MultipartFields};
+use super::input::{FaceOptions, FaceReport, ImageInput, JsonOrMultipart, MultipartFields};
 use super::AppState;
 use crate::error::{ApiError, ErrorBody};
 
@@ -19,6 +19,14 @@ pub struct EmbedRequest {
     /// Average each face with its mirror image (Flipped-MobiFace). Default true.
     #[serde(default = "default_flip")]
     pub flip: bool,
+    /// Run the face detector even on a 112x112 image without landmarks (otherwise taken as an
+    /// aligned crop).
+    #[serde(default)]
+    pub detect: Option<bool>,
+    /// Refuse (422 `multiple_faces`) a photo holding several recognisable faces instead of
+    /// using the largest.
+    #[serde(default)]
+    pub single_face: bool,
 }
 
 fn default_flip() -> bool {
@@ -43,6 +51,9 @@ pub struct EmbedModel {
 pub struct Embedding {
     /// Unit-length (L2-normalised) feature vector.
     pub embedding: Vec<f32>,
+    /// The face it was computed from.
+    #[serde(flatten)]
+    pub face: FaceReport,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -60,7 +71,7 @@ pub struct EmbedResponse {
         (status = 400, description = "Undecodable image, bad base64 or bad landmarks", body = ErrorBody),
         (status = 413, description = "Body or image too large", body = ErrorBody),
         (status = 415, description = "Unsupported content type", body = ErrorBody),
-        (status = 422, description = "Wrong JSON shape or too many images", body = ErrorBody),
+        (status = 422, description = "Wrong JSON shape, too many images, or an image without a usable face (`no_face`, `face_too_small`, `multiple_faces`)", body = ErrorBody),
         (status = 503, description = "Inference queue full (see Retry-After)", body = ErrorBody),
     ),
     tag = "embeddings"
@@ -70,7 +81,8 @@ pub async fn embed(
     JsonOrMultipart(req): JsonOrMultipart<EmbedRequest>,
 ) -> Result<Json<EmbedResponse>, ApiError> {
     let images = req.images.within(state.config.max_images_per_request)?;
-    let vectors = state.embed_inputs(images, req.flip).await?;
+    let opts = FaceOptions::new(req.detect, req.single_face);
+    let vectors = state.embed_inputs(images, opts, req.flip).await?;
     let info = state.engine.info();
     Ok(Json(EmbedResponse {
         model: EmbedModel {
@@ -82,7 +94,7 @@ pub async fn embed(
         },
         embeddings: vectors
             .into_iter()
-            .map(|embedding| Embedding { embedding })
+            .map(|(embedding, face)| Embedding { embedding, face })
             .collect(),
     }))
 }

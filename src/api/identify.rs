@@ -7,7 +7,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::input::{ImageInput, JsonOrMultipart, MultipartFields};
+use super::input::{FaceOptions, FaceReport, ImageInput, JsonOrMultipart, MultipartFields};
 use super::AppState;
 use crate::error::{ApiError, ErrorBody};
 use crate::gallery::{self, Match};
@@ -24,6 +24,14 @@ pub struct IdentifyRequest {
     pub top_k: i64,
     /// Least similarity a match needs, in [-1, 1]; default: the service's threshold.
     pub threshold: Option<f32>,
+    /// Run the face detector even on a 112x112 image without landmarks (otherwise taken as an
+    /// aligned crop).
+    #[serde(default)]
+    pub detect: Option<bool>,
+    /// Refuse (422 `multiple_faces`) a photo holding several recognisable faces instead of
+    /// using the largest.
+    #[serde(default)]
+    pub single_face: bool,
 }
 
 fn default_top_k() -> i64 {
@@ -39,6 +47,9 @@ pub struct IdentifyResponse {
     pub threshold: f32,
     /// Subjects that have at least one face of the running model: what was searched.
     pub gallery_size: usize,
+    /// The probe face that was searched for.
+    #[serde(flatten)]
+    pub face: FaceReport,
 }
 
 #[utoipa::path(
@@ -49,7 +60,7 @@ pub struct IdentifyResponse {
         (status = 200, body = IdentifyResponse),
         (status = 400, description = "Undecodable image or bad landmarks", body = ErrorBody),
         (status = 413, description = "Body or image too large", body = ErrorBody),
-        (status = 422, description = "top_k outside 1..=100, threshold outside [-1, 1], wrong JSON shape", body = ErrorBody),
+        (status = 422, description = "top_k outside 1..=100, threshold outside [-1, 1], wrong JSON shape, no usable face (`no_face`, `face_too_small`, `multiple_faces`)", body = ErrorBody),
         (status = 503, description = "Inference queue full (see Retry-After)", body = ErrorBody),
     ),
     tag = "matching"
@@ -71,7 +82,8 @@ pub async fn identify(
         )),
         _ => e.into(),
     })?;
-    let probe = state.embed_one(&req.image).await?;
+    let opts = FaceOptions::new(req.detect, req.single_face);
+    let (probe, face) = state.embed_one(&req.image, opts).await?;
     // Searched without the threshold so the best score is observed even when
     // it is below it: the similarity histogram then shows drift in unknown
     // faces too. Filtering afterwards gives the same answer (exact search).
@@ -92,5 +104,6 @@ pub async fn identify(
         matches,
         threshold,
         gallery_size: found.gallery_size,
+        face,
     }))
 }

@@ -8,17 +8,22 @@ use base64::Engine as _;
 use bytes::Bytes;
 use image::RgbImage;
 use serde::de::DeserializeOwned;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::admission::DecodeBudget;
 pub use super::bounded::LandmarkInput;
 use super::AppState;
+use crate::detection::{BoundingBox, Detector, Multiple};
 use crate::error::{ApiError, ErrorKind};
-use crate::imaging::{self, DecodeLimits};
+use crate::imaging::{self, DecodeLimits, Landmarks, FACE_SIZE};
 
 /// An image: a base64 string, or an object with the base64 data and optional
 /// 5-point landmarks (left eye, right eye, nose, left and right mouth corners,
-/// in image pixels) used to align the face. Deserialised by hand (see `bounded`), so a
-/// hostile `landmarks` array is never buffered or allocated beyond five points.
+/// in image pixels) used to align the face. Without landmarks the face is found by the
+/// detector (a 112x112 image is taken as an aligned crop unless the request asks `detect`).
+/// Deserialised by hand (see `bounded`), so a hostile `landmarks` array is never buffered
+/// or allocated beyond five points.
 #[derive(Debug, Clone)]
 pub enum ImageInput {
     Base64(String),
@@ -39,7 +44,7 @@ impl ImageInput {
 
 /// Base64 as clients send it: standard alphabet, padding optional, and a
 /// `data:image/...;base64,` prefix tolerated.
-fn decode_base64(data: &str) -> Result<Vec<u8>, ApiError> {
+pub(crate) fn decode_base64(data: &str) -> Result<Vec<u8>, ApiError> {
     let data = match data.split_once(";base64,") {
         Some((prefix, rest)) if prefix.starts_with("data:") => rest,
         _ => data,
@@ -55,23 +60,135 @@ fn decode_base64(data: &str) -> Result<Vec<u8>, ApiError> {
         })
 }
 
-/// Decode, validate landmarks and produce the 112x112 face, all off the async runtime.
+/// How a 112x112 face was obtained from a request image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FaceSource {
+    /// Found by the face detector and aligned through its landmarks.
+    Detected,
+    /// Aligned through the landmarks the request gave.
+    Landmarks,
+    /// A 112x112 image without landmarks, taken as an already aligned crop.
+    AlignedCrop,
+}
+
+/// The face a result was computed from.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct UsedFace {
+    pub source: FaceSource,
+    /// The detected face's box, in the pixels of the image as decoded (EXIF orientation applied).
+    #[serde(rename = "box", skip_serializing_if = "Option::is_none")]
+    pub bbox: Option<BoundingBox>,
+    /// Detector confidence.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub score: Option<f32>,
+    /// The five points the face was aligned with (absent for an aligned crop).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Vec<f32>>>)]
+    pub landmarks: Option<Landmarks>,
+}
+
+/// `face` and `faces_detected`, side by side in every result computed from an image.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FaceReport {
+    pub face: UsedFace,
+    /// Faces the detector found in the image (present when it ran); the largest is used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub faces_detected: Option<usize>,
+}
+
+/// Per-request choices about faces: every image-taking request has the fields `detect` and
+/// `single_face`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FaceOptions {
+    /// Run the detector even on a 112x112 image (otherwise taken as an aligned crop).
+    pub detect: bool,
+    pub multiple: Multiple,
+}
+
+impl FaceOptions {
+    pub fn new(detect: Option<bool>, single_face: bool) -> Self {
+        Self {
+            detect: detect.unwrap_or(false),
+            multiple: if single_face {
+                Multiple::Refuse
+            } else {
+                Multiple::Largest
+            },
+        }
+    }
+}
+
+/// A request image made ready for the model.
+pub struct Prepared {
+    pub crop: RgbImage,
+    pub report: FaceReport,
+}
+
+/// Decode, validate landmarks or detect, and produce the 112x112 face, all off the async runtime.
 fn prepare(
     input: &ImageInput,
+    opts: FaceOptions,
     limits: &DecodeLimits,
+    detector: &Detector,
     budget: &DecodeBudget,
-) -> Result<RgbImage, ApiError> {
+) -> Result<Prepared, ApiError> {
     let (data, landmarks) = input.parts();
     let landmarks = landmarks.map(LandmarkInput::parse).transpose()?;
     let bytes = decode_base64(data)?;
     // Held until the crop exists: the decoded image is the memory being bounded.
     let _room = budget.reserve(imaging::decoded_size(&bytes, limits)?)?;
     let img = imaging::decode(&bytes, limits)?;
-    Ok(imaging::face_crop(&img, landmarks.as_ref()))
+    prepare_image(&img, landmarks, opts, detector)
+}
+
+/// The one rule for turning a decoded image into the model's face (also `mobiface eval`'s).
+pub fn prepare_image(
+    img: &RgbImage,
+    landmarks: Option<Landmarks>,
+    opts: FaceOptions,
+    detector: &Detector,
+) -> Result<Prepared, ApiError> {
+    let plain = |source, landmarks| FaceReport {
+        face: UsedFace {
+            source,
+            bbox: None,
+            score: None,
+            landmarks,
+        },
+        faces_detected: None,
+    };
+    if let Some(points) = landmarks {
+        let crop = imaging::align(img, &points)
+            .ok_or_else(|| ApiError::new(ErrorKind::BadLandmarks, "landmarks are degenerate"))?;
+        return Ok(Prepared {
+            crop,
+            report: plain(FaceSource::Landmarks, Some(points)),
+        });
+    }
+    if img.dimensions() == (FACE_SIZE, FACE_SIZE) && !opts.detect {
+        return Ok(Prepared {
+            crop: img.clone(),
+            report: plain(FaceSource::AlignedCrop, None),
+        });
+    }
+    let chosen = detector.choose(img, opts.multiple)?;
+    Ok(Prepared {
+        crop: chosen.crop,
+        report: FaceReport {
+            face: UsedFace {
+                source: FaceSource::Detected,
+                bbox: Some(chosen.face.bbox),
+                score: Some(chosen.face.score),
+                landmarks: Some(chosen.face.landmarks),
+            },
+            faces_detected: Some(chosen.faces_detected),
+        },
+    })
 }
 
 impl AppState {
-    fn decode_limits(&self) -> DecodeLimits {
+    pub fn decode_limits(&self) -> DecodeLimits {
         DecodeLimits {
             max_side: self.config.max_image_side,
             max_decoded_bytes: self.config.max_decoded_bytes,
@@ -79,7 +196,11 @@ impl AppState {
     }
 
     /// Turns request images into 112x112 faces, refusing too many before any decoding.
-    pub async fn load_faces(&self, inputs: Vec<ImageInput>) -> Result<Vec<RgbImage>, ApiError> {
+    pub async fn load_faces(
+        &self,
+        inputs: Vec<ImageInput>,
+        opts: FaceOptions,
+    ) -> Result<Vec<Prepared>, ApiError> {
         if inputs.is_empty() {
             return Err(ApiError::new(
                 ErrorKind::InvalidRequest,
@@ -95,12 +216,13 @@ impl AppState {
         }
         let limits = self.decode_limits();
         let budget = self.decode_budget.clone();
+        let detector = self.detector.clone();
         tokio::task::spawn_blocking(move || {
             inputs
                 .iter()
                 .enumerate()
                 .map(|(i, input)| {
-                    prepare(input, &limits, &budget)
+                    prepare(input, opts, &limits, &detector, &budget)
                         .map_err(|e| ApiError::new(e.kind, format!("image {i}: {}", e.message)))
                 })
                 .collect::<Result<Vec<_>, _>>()
@@ -109,33 +231,56 @@ impl AppState {
         .map_err(ApiError::internal)?
     }
 
-    pub async fn load_face(&self, input: &ImageInput) -> Result<RgbImage, ApiError> {
+    pub async fn load_face(
+        &self,
+        input: &ImageInput,
+        opts: FaceOptions,
+    ) -> Result<Prepared, ApiError> {
         let limits = self.decode_limits();
-        let budget = self.decode_budget.clone();
         let input = input.clone();
-        tokio::task::spawn_blocking(move || prepare(&input, &limits, &budget))
+        let detector = self.detector.clone();
+        let budget = self.decode_budget.clone();
+        tokio::task::spawn_blocking(move || prepare(&input, opts, &limits, &detector, &budget))
             .await
             .map_err(ApiError::internal)?
     }
 
-    /// Embeds request images: decode, align, run the model (flip-averaged if asked).
+    /// Embeds request images: decode, align or detect, run the model (flip-averaged if asked).
     pub async fn embed_inputs(
         &self,
         inputs: Vec<ImageInput>,
+        opts: FaceOptions,
         flip: bool,
-    ) -> Result<Vec<Vec<f32>>, ApiError> {
-        let faces = self.load_faces(inputs).await?;
-        self.engine.embed(faces, flip).await
+    ) -> Result<Vec<(Vec<f32>, FaceReport)>, ApiError> {
+        let (crops, reports): (Vec<_>, Vec<_>) = self
+            .load_faces(inputs, opts)
+            .await?
+            .into_iter()
+            .map(|p| (p.crop, p.report))
+            .unzip();
+        let vectors = self.engine.embed(crops, flip).await?;
+        if vectors.len() != reports.len() {
+            return Err(ApiError::internal(
+                "engine returned the wrong number of embeddings",
+            ));
+        }
+        Ok(vectors.into_iter().zip(reports).collect())
     }
 
     /// One image's flip-averaged embedding.
-    pub async fn embed_one(&self, input: &ImageInput) -> Result<Vec<f32>, ApiError> {
-        let face = self.load_face(input).await?;
-        self.engine
-            .embed(vec![face], true)
+    pub async fn embed_one(
+        &self,
+        input: &ImageInput,
+        opts: FaceOptions,
+    ) -> Result<(Vec<f32>, FaceReport), ApiError> {
+        let face = self.load_face(input, opts).await?;
+        let embedding = self
+            .engine
+            .embed(vec![face.crop], true)
             .await?
             .pop()
-            .ok_or_else(|| ApiError::internal("engine returned no embedding"))
+            .ok_or_else(|| ApiError::internal("engine returned no embedding"))?;
+        Ok((embedding, face.report))
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod admission;
 pub mod bounded;
+pub mod detect;
 pub mod embed;
 pub mod health;
 pub mod identify;
@@ -19,6 +20,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::config::Config;
+use crate::detection::Detector;
 use crate::engine::Engine;
 use crate::error::{ApiError, ErrorKind};
 use crate::gallery::Gallery;
@@ -28,6 +30,8 @@ use crate::metrics::Metrics;
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Engine,
+    /// Finds faces in images sent without landmarks.
+    pub detector: Arc<Detector>,
     pub gallery: Gallery,
     pub metrics: Arc<Metrics>,
     pub config: Arc<Config>,
@@ -49,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/embed", post(embed::embed))
+        .route("/detect", post(detect::detect))
         // -- gallery routes (gallery helper) --
         .route(
             "/subjects",

@@ -35,6 +35,7 @@ use crate::gallery;
         super::health::healthz,
         super::health::readyz,
         super::embed::embed,
+        super::detect::detect,
         super::subjects::create_subject,
         super::subjects::list_subjects,
         super::subjects::get_subject,
@@ -107,12 +108,16 @@ impl From<&crate::config::Config> for DocOptions {
 pub fn served(opts: &DocOptions) -> Value {
     let mut doc = serde_json::to_value(document()).unwrap_or(Value::Null);
     let image = json!(example_image());
+    // With landmarks, so the examples are embedded whether or not the detector would find
+    // a face in a drawn picture.
+    let face = json!({"data": image, "landmarks": EXAMPLE_LANDMARKS});
     let examples = json!({
-        "/embed": {"images": [image], "flip": true},
-        "/verify": {"image1": image, "image2": image},
-        "/identify": {"image": image, "top_k": 5},
+        "/embed": {"images": [face], "flip": true},
+        "/verify": {"image1": face, "image2": face},
+        "/identify": {"image": face, "top_k": 5},
+        "/detect": {"image": image},
         "/subjects": {"name": "Ada Lovelace", "metadata": {"team": "analytical engines"}},
-        "/subjects/{id}/faces": {"image": {"data": image, "landmarks": EXAMPLE_LANDMARKS}},
+        "/subjects/{id}/faces": {"image": face},
     });
     if let Some(paths) = doc["paths"].as_object_mut() {
         for (path, item) in paths.iter_mut() {
@@ -300,6 +305,16 @@ fn exact_schemas(schemas: &mut Value, opts: &DocOptions) {
         props.insert(probe.into(), image.clone());
         props.insert(other.into(), other_schema);
         props.insert("threshold".into(), threshold.clone());
+        props.insert(
+            "detect".into(),
+            json!({"type": ["boolean", "null"],
+            "description": "Run the detector even on a 112x112 image"}),
+        );
+        props.insert(
+            "single_face".into(),
+            json!({"type": "boolean",
+            "description": "Refuse (422 `multiple_faces`) an image with more than one face"}),
+        );
         json!({"type": "object", "properties": props, "required": [probe, other], "additionalProperties": false})
     };
     let subject = json!({"type": "string", "format": "uuid", "description": "Enrolled subject to compare the image with"});

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::input::{ImageInput, JsonOrMultipart, MultipartFields};
+use super::input::{FaceOptions, FaceReport, ImageInput, JsonOrMultipart, MultipartFields};
 use super::AppState;
 use crate::error::{ApiError, ErrorBody};
 use crate::gallery::{Subject, SubjectDetail, SubjectPage};
@@ -41,6 +41,14 @@ pub struct ListParams {
 pub struct AddFace {
     /// The face to enrol (multipart: an `image` file part).
     pub image: ImageInput,
+    /// Run the face detector even on a 112x112 image without landmarks (otherwise taken as an
+    /// aligned crop).
+    #[serde(default)]
+    pub detect: Option<bool>,
+    /// Refuse (422 `multiple_faces`) a photo holding several recognisable faces instead of
+    /// using the largest.
+    #[serde(default)]
+    pub single_face: bool,
 }
 
 impl MultipartFields for AddFace {}
@@ -51,6 +59,9 @@ pub struct FaceCreated {
     pub face_id: Uuid,
     #[schema(value_type = String)]
     pub subject_id: Uuid,
+    /// The face that was enrolled.
+    #[serde(flatten)]
+    pub face: FaceReport,
 }
 
 /// Ids in paths: anything that is not a UUID cannot name a stored object, so
@@ -164,7 +175,7 @@ pub async fn delete_subject(
         (status = 400, description = "Undecodable image or bad landmarks", body = ErrorBody),
         (status = 404, description = "No such subject", body = ErrorBody),
         (status = 413, description = "Body or image too large", body = ErrorBody),
-        (status = 422, description = "Wrong JSON shape", body = ErrorBody),
+        (status = 422, description = "Wrong JSON shape, or no usable face (`no_face`, `face_too_small`, `multiple_faces`)", body = ErrorBody),
         (status = 503, description = "Inference queue full (see Retry-After)", body = ErrorBody),
     ),
     tag = "gallery"
@@ -181,13 +192,15 @@ pub async fn add_face(
             "no subject with id {subject_id}"
         )));
     }
-    let embedding = state.embed_one(&req.image).await?;
+    let opts = FaceOptions::new(req.detect, req.single_face);
+    let (embedding, face) = state.embed_one(&req.image, opts).await?;
     let face_id = state.gallery.add_face(subject_id, embedding).await?;
     Ok((
         StatusCode::CREATED,
         Json(FaceCreated {
             face_id,
             subject_id,
+            face,
         }),
     ))
 }

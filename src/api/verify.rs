@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::input::{ImageInput, JsonOrMultipart, MultipartFields};
+use super::input::{FaceOptions, FaceReport, ImageInput, JsonOrMultipart, MultipartFields};
 use super::subjects::parse_id;
 use super::AppState;
 use crate::error::{ApiError, ErrorBody, ErrorKind};
@@ -26,6 +26,14 @@ pub struct VerifyRequest {
     pub subject_id: Option<String>,
     /// Match threshold on cosine similarity in [-1, 1]; default: the service's.
     pub threshold: Option<f32>,
+    /// Run the face detector even on a 112x112 image without landmarks (otherwise taken as an
+    /// aligned crop).
+    #[serde(default)]
+    pub detect: Option<bool>,
+    /// Refuse (422 `multiple_faces`) a photo holding several recognisable faces instead of
+    /// using the largest.
+    #[serde(default)]
+    pub single_face: bool,
 }
 
 impl MultipartFields for VerifyRequest {}
@@ -42,6 +50,8 @@ pub struct VerifyResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub face_id: Option<Uuid>,
+    /// The faces compared, in request order (`image1`, `image2`; or just the probe).
+    pub faces: Vec<FaceReport>,
 }
 
 enum Mode {
@@ -49,7 +59,8 @@ enum Mode {
     Subject(ImageInput, String),
 }
 
-fn mode(req: VerifyRequest) -> Result<Mode, ApiError> {
+fn mode(req: VerifyRequest) -> Result<(Mode, FaceOptions), ApiError> {
+    let opts = FaceOptions::new(req.detect, req.single_face);
     let bad = |m: &str| ApiError::new(ErrorKind::InvalidArgument, m);
     let probe = match (req.image1, req.image) {
         (Some(_), Some(_)) => return Err(bad("give `image1` or `image`, not both")),
@@ -60,8 +71,8 @@ fn mode(req: VerifyRequest) -> Result<Mode, ApiError> {
         (Some(_), Some(_)) => Err(bad(
             "give either `image2` (compare two images) or `subject_id` (compare with a subject), not both",
         )),
-        (Some(other), None) => Ok(Mode::Pair(probe, other)),
-        (None, Some(s)) => Ok(Mode::Subject(probe, s)),
+        (Some(other), None) => Ok((Mode::Pair(probe, other), opts)),
+        (None, Some(s)) => Ok((Mode::Subject(probe, s), opts)),
         (None, None) => Err(bad(
             "give `image2` (compare two images) or `subject_id` (compare with a subject)",
         )),
@@ -86,7 +97,7 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
         (status = 400, description = "Undecodable image or bad landmarks", body = ErrorBody),
         (status = 404, description = "No such subject", body = ErrorBody),
         (status = 413, description = "Body or image too large", body = ErrorBody),
-        (status = 422, description = "Both or neither of image2/subject_id, threshold outside [-1, 1], subject without faces of this model, wrong JSON shape", body = ErrorBody),
+        (status = 422, description = "Both or neither of image2/subject_id, threshold outside [-1, 1], subject without faces of this model, wrong JSON shape, an image without a usable face (`no_face`, `face_too_small`, `multiple_faces`)", body = ErrorBody),
         (status = 503, description = "Inference queue full (see Retry-After)", body = ErrorBody),
     ),
     tag = "matching"
@@ -98,11 +109,16 @@ pub async fn verify(
     let start = Instant::now();
     let threshold = req.threshold.unwrap_or(state.threshold);
     gallery::check_threshold(threshold)?;
-    let (similarity, face_id) = match mode(req)? {
+    let (mode, opts) = mode(req)?;
+    let (similarity, face_id, faces) = match mode {
         Mode::Pair(a, b) => {
-            let e = state.embed_inputs(vec![a, b], true).await?;
+            let e = state.embed_inputs(vec![a, b], opts, true).await?;
             match e.as_slice() {
-                [x, y] => (cosine(x, y), None),
+                [(x, _), (y, _)] => (
+                    cosine(x, y),
+                    None,
+                    e.into_iter().map(|(_, face)| face).collect(),
+                ),
                 _ => {
                     return Err(ApiError::internal(
                         "engine returned the wrong number of embeddings",
@@ -118,9 +134,9 @@ pub async fn verify(
                     "no subject with id {subject_id}"
                 )));
             }
-            let probe = state.embed_one(&image).await?;
+            let (probe, face) = state.embed_one(&image, opts).await?;
             let (s, f) = state.gallery.best_for_subject(subject_id, probe).await?;
-            (s, Some(f))
+            (s, Some(f), vec![face])
         }
     };
     state.metrics.similarity.observe(f64::from(similarity));
@@ -133,5 +149,6 @@ pub async fn verify(
         threshold,
         is_match: similarity >= threshold,
         face_id,
+        faces,
     }))
 }

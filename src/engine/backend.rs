@@ -28,7 +28,7 @@ pub trait Backend: Send + 'static {
 /// engines in one process, so the first one's environment is kept for all.
 static ORT_ENV: OnceLock<Environment> = OnceLock::new();
 
-fn environment(dylib: &Path) -> anyhow::Result<&'static Environment> {
+pub(crate) fn environment(dylib: &Path) -> anyhow::Result<&'static Environment> {
     if let Some(env) = ORT_ENV.get() {
         return Ok(env);
     }
@@ -89,7 +89,7 @@ impl OrtBackend {
     }
 }
 
-fn register_provider(
+pub(crate) fn register_provider(
     builder: ort::session::builder::SessionBuilder,
     cfg: &EngineConfig,
 ) -> anyhow::Result<ort::session::builder::SessionBuilder> {

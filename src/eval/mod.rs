@@ -19,8 +19,11 @@ use serde::Serialize;
 
 use self::metrics::{CrossValidation, Eer, Scored, TarAtFar, ThresholdChoice};
 use self::pairs::{ImageRef, PairsFile};
-use crate::config::EngineConfig;
+use crate::api::input::{prepare_image, FaceOptions};
+use crate::config::{DetectorConfig, EngineConfig};
+use crate::detection::Detector;
 use crate::engine::Engine;
+use crate::error::ErrorKind;
 use crate::imaging::{self, DecodeLimits};
 use crate::metrics::Metrics;
 
@@ -35,7 +38,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub pairs: PathBuf,
     /// Folder of `<name>/<name>_<i:04>.jpg` images. 112x112 images are taken
-    /// as aligned crops; anything else is centre-cropped like an unaligned upload.
+    /// as aligned crops; in any other photo the face is detected and aligned, as the service
+    /// does with a photo sent without landmarks.
     #[arg(long)]
     pub images: PathBuf,
     /// Flip-averaging: embed each face and its mirror, average the features.
@@ -52,6 +56,8 @@ pub struct EvalArgs {
     pub scores: Option<PathBuf>,
     #[command(flatten)]
     pub engine: EngineConfig,
+    #[command(flatten)]
+    pub detection: DetectorConfig,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -76,6 +82,10 @@ pub struct Report {
     pub matched: usize,
     pub mismatched: usize,
     pub images: usize,
+    /// Photos in which no usable face was found (`no_face` or `face_too_small` from the
+    /// service); every pair with one of them is scored -1, a certain non-match.
+    pub images_without_face: usize,
+    pub pairs_without_face: usize,
     #[serde(flatten)]
     pub figures: Figures,
     /// Wall time spent reading, decoding and embedding the images.
@@ -142,23 +152,34 @@ const EVAL_DECODE_LIMITS: DecodeLimits = DecodeLimits {
     max_decoded_bytes: 256 * 1024 * 1024,
 };
 
-fn load_face(path: &Path, line: usize) -> anyhow::Result<image::RgbImage> {
+/// The face the service would embed for this photo; None when it would answer 422 for want of
+/// a usable face.
+fn load_face(
+    path: &Path,
+    line: usize,
+    detector: &Detector,
+) -> anyhow::Result<Option<image::RgbImage>> {
     let bytes = std::fs::read(path)
         .with_context(|| format!("reading {} (pairs line {line})", path.display()))?;
     let img = imaging::decode(&bytes, &EVAL_DECODE_LIMITS)
         .with_context(|| format!("decoding {} (pairs line {line})", path.display()))?;
-    Ok(imaging::face_crop(&img, None))
+    match prepare_image(&img, None, FaceOptions::default(), detector) {
+        Ok(p) => Ok(Some(p.crop)),
+        Err(e) if matches!(e.kind, ErrorKind::NoFace | ErrorKind::FaceTooSmall) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("{} (pairs line {line})", path.display())),
+    }
 }
 
 /// Embeds the images in chunks of about one model run each, keeping every
 /// inference worker busy while the next chunk is decoded.
 async fn embed_all(
     engine: &Engine,
+    detector: &Detector,
     cfg: &EngineConfig,
     root: &Path,
     refs: &[(ImageRef, usize)],
     flip: bool,
-) -> anyhow::Result<Vec<Vec<f32>>> {
+) -> anyhow::Result<Vec<Option<Vec<f32>>>> {
     let copies = if flip { 2 } else { 1 };
     let chunk = (cfg.max_batch() / copies).max(1);
     let in_flight = (cfg.workers.max(1) + 1).min(cfg.queue_capacity.max(1));
@@ -175,29 +196,41 @@ async fn embed_all(
         .collect();
     let total = refs.len();
     let mut done = 0usize;
-    let results: Vec<Vec<Vec<f32>>> = futures::stream::iter(chunks)
+    let results: Vec<Vec<Option<Vec<f32>>>> = futures::stream::iter(chunks)
         .map(|items| {
-            let faces: anyhow::Result<Vec<image::RgbImage>> = items
+            let faces: anyhow::Result<Vec<Option<image::RgbImage>>> = items
                 .iter()
-                .map(|it| load_face(&it.path, it.line))
+                .map(|it| load_face(&it.path, it.line, detector))
                 .collect();
             async move {
                 let faces = faces?;
-                let n = faces.len();
-                let out = engine.embed(faces, flip).await.with_context(|| {
-                    format!(
-                        "embedding {} (and the rest of its chunk)",
-                        items[0].path.display()
-                    )
-                })?;
+                let found: Vec<image::RgbImage> = faces.iter().flatten().cloned().collect();
+                let n = found.len();
+                let mut out = if n == 0 {
+                    Vec::new()
+                } else {
+                    engine.embed(found, flip).await.with_context(|| {
+                        format!(
+                            "embedding {} (and the rest of its chunk)",
+                            items[0].path.display()
+                        )
+                    })?
+                };
                 if out.len() != n {
                     bail!("the engine returned {} embeddings for {n} faces", out.len());
                 }
-                Ok(out)
+                // Back into photo order, None where no face was found.
+                out.reverse();
+                Ok::<Vec<Option<Vec<f32>>>, anyhow::Error>(
+                    faces
+                        .iter()
+                        .map(|f| f.as_ref().and_then(|_| out.pop()))
+                        .collect(),
+                )
             }
         })
         .buffered(in_flight)
-        .inspect_ok(|out| {
+        .inspect_ok(|out: &Vec<Option<Vec<f32>>>| {
             // A full run takes minutes on a small CPU: say how far it is, about every 10%.
             let before = done;
             done += out.len();
@@ -282,8 +315,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let engine = Engine::start(&args.engine, Arc::new(Metrics::new()))
-        .context("starting the inference engine")?;
+    let metrics = Arc::new(Metrics::new());
+    let engine =
+        Engine::start(&args.engine, metrics.clone()).context("starting the inference engine")?;
+    let detector = Detector::load(&args.detection, &args.engine, metrics)
+        .context("loading the face detector")?;
     let info = engine.info().clone();
     eprintln!(
         "mobiface eval: {} pairs, {} images, model {} (trained: {}), flip {}",
@@ -296,6 +332,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let embeddings = runtime.block_on(embed_all(
         &engine,
+        &detector,
         &args.engine,
         &args.images,
         &images.refs,
@@ -303,6 +340,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     ))?;
     let embed_seconds = started.elapsed().as_secs_f64();
     for (e, (r, line)) in embeddings.iter().zip(&images.refs) {
+        let Some(e) = e else { continue };
         if e.len() != info.dim || e.iter().any(|x| !x.is_finite()) {
             bail!(
                 "embedding of {} (pairs line {line}) has {} values or non-finite ones; expected {} finite",
@@ -318,10 +356,19 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         .iter()
         .zip(&images.pair_index)
         .map(|(p, &(a, b))| Scored {
-            score: cosine(&embeddings[a], &embeddings[b]),
+            score: match (&embeddings[a], &embeddings[b]) {
+                (Some(x), Some(y)) => cosine(x, y),
+                _ => -1.0,
+            },
             same: p.same,
         })
         .collect();
+    let images_without_face = embeddings.iter().filter(|e| e.is_none()).count();
+    let pairs_without_face = images
+        .pair_index
+        .iter()
+        .filter(|&&(a, b)| embeddings[a].is_none() || embeddings[b].is_none())
+        .count();
     let fold_of: Vec<usize> = file.pairs.iter().map(|p| p.fold).collect();
 
     if let Some(path) = &args.scores {
@@ -346,6 +393,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         matched,
         mismatched: scored.len() - matched,
         images: images.refs.len(),
+        images_without_face,
+        pairs_without_face,
         figures,
         embed_seconds,
     };
@@ -419,6 +468,13 @@ pub fn human(r: &Report) -> String {
         "pairs      {}: {} folds, {} matched + {} mismatched, {} images",
         r.pairs_file, r.folds, r.matched, r.mismatched, r.images
     );
+    if r.images_without_face > 0 {
+        let _ = writeln!(
+            s,
+            "no face    {} of {} images (pairs with one, {} here, are scored -1: a non-match)",
+            r.images_without_face, r.images, r.pairs_without_face
+        );
+    }
     match &f.accuracy {
         Some(cv) => {
             let _ = writeln!(

@@ -1,7 +1,5 @@
-//! The 112x112 face crop: 5-point similarity alignment, or a centre crop when no landmarks are
-//! given.
+//! The 112x112 face crop: 5-point similarity alignment onto the ArcFace template.
 
-use image::imageops::{self, FilterType};
 use image::RgbImage;
 
 use super::FACE_SIZE;
@@ -72,44 +70,19 @@ pub fn parse_landmarks(points: &[Vec<f64>]) -> Result<Landmarks, ApiError> {
     Ok(out)
 }
 
-/// The 112x112 RGB crop the model consumes.
-///
-/// With landmarks the photo is aligned onto [`TEMPLATE`] (always, even if it is already 112x112:
-/// landmarks are an explicit request to align). Without them, a 112x112 image is taken as an
-/// already-aligned crop, and anything else is centre-cropped to a square and resized.
-pub fn face_crop(img: &RgbImage, landmarks: Option<&Landmarks>) -> RgbImage {
-    if let Some(inv) = landmarks.and_then(fit_similarity).and_then(invert) {
-        return warp_affine(img, &inv);
-    }
-    // Landmarks that `parse_landmarks` would have refused land here too rather than panicking.
-    if img.dimensions() == (FACE_SIZE, FACE_SIZE) {
-        return img.clone();
-    }
-    centre_crop(img)
-}
-
-fn centre_crop(img: &RgbImage) -> RgbImage {
-    let (w, h) = img.dimensions();
-    let side = w.min(h);
-    if side == 0 {
-        return RgbImage::new(FACE_SIZE, FACE_SIZE);
-    }
-    let square = imageops::crop_imm(img, (w - side) / 2, (h - side) / 2, side, side);
-    // Triangle is a proper area-weighted filter when shrinking (its support scales with the
-    // ratio), so large photos do not alias. But its cost grows with the ratio, so a big photo is
-    // first box-averaged (`thumbnail`, integer arithmetic, also alias-free) to twice the target.
-    if side > 4 * FACE_SIZE {
-        let half_way = imageops::thumbnail(&*square, 2 * FACE_SIZE, 2 * FACE_SIZE);
-        return imageops::resize(&half_way, FACE_SIZE, FACE_SIZE, FilterType::Triangle);
-    }
-    imageops::resize(&*square, FACE_SIZE, FACE_SIZE, FilterType::Triangle)
+/// The 112x112 RGB crop the model consumes: the photo aligned onto [`TEMPLATE`] through the
+/// five points (always, even for a 112x112 photo: landmarks are an explicit request to align).
+/// None for points no similarity maps onto the template (`parse_landmarks` refuses those).
+pub fn align(img: &RgbImage, landmarks: &Landmarks) -> Option<RgbImage> {
+    let inv = fit_similarity(landmarks).and_then(invert)?;
+    Some(warp_affine(img, &inv))
 }
 
 /// Least-squares similarity (rotation, uniform scale, translation) taking `src` onto
 /// [`TEMPLATE`], as `[a, -b, tx, b, a, ty]` (row-major 2x3). For a similarity the Umeyama /
 /// skimage `SimilarityTransform.estimate` solution reduces to this closed form: with both point
 /// sets centred, a = sum(s.d) / sum(|s|^2) and b = sum(s x d) / sum(|s|^2).
-fn fit_similarity(src: &Landmarks) -> Option<[f64; 6]> {
+pub(crate) fn fit_similarity(src: &Landmarks) -> Option<[f64; 6]> {
     let n = src.len() as f64;
     let (mut msx, mut msy, mut mdx, mut mdy) = (0.0, 0.0, 0.0, 0.0);
     for (s, d) in src.iter().zip(&TEMPLATE) {
@@ -324,60 +297,18 @@ mod tests {
     fn warp_with_identity_landmarks_copies_the_image_and_blacks_out_the_outside() {
         let img = RgbImage::from_fn(112, 112, |x, y| Rgb([x as u8, y as u8, (x ^ y) as u8]));
         let t: Landmarks = TEMPLATE.map(|p| [p[0] as f32, p[1] as f32]);
-        let out = face_crop(&img, Some(&t));
+        let out = align(&img, &t).unwrap();
         assert_eq!(out, img);
 
         // Template shifted right by 20.25 px in the source: output column x samples source
         // x + 20.25, and the right edge runs off the photo into black.
         let shifted: Landmarks = TEMPLATE.map(|p| [p[0] as f32 + 20.25, p[1] as f32]);
-        let out = face_crop(&img, Some(&shifted));
+        let out = align(&img, &shifted).unwrap();
         assert_eq!(out.get_pixel(10, 5).0[..2], [30, 5]); // 0.75 * 30 + 0.25 * 31 = 30.25
         assert_eq!(out.get_pixel(90, 5).0[0], 110); // source 110.25, both neighbours inside
         assert_eq!(out.get_pixel(91, 5).0[0], 83); // source 111.25: 0.75 * 111 + 0.25 * black
         assert_eq!(out.get_pixel(92, 5).0, [0, 0, 0]);
         assert_eq!(out.get_pixel(100, 5).0, [0, 0, 0]);
-    }
-
-    #[test]
-    fn without_landmarks_crops_the_centre_square() {
-        let aligned = RgbImage::from_fn(112, 112, |x, y| Rgb([x as u8, y as u8, 7]));
-        assert_eq!(face_crop(&aligned, None), aligned);
-
-        // 300x200: the centre 200x200 square is grey 100, the side bands (which must be cut
-        // away) are white.
-        let wide = RgbImage::from_fn(300, 200, |x, _| {
-            if (50..250).contains(&x) {
-                Rgb([100; 3])
-            } else {
-                Rgb([255; 3])
-            }
-        });
-        let out = face_crop(&wide, None);
-        assert_eq!(out.dimensions(), (FACE_SIZE, FACE_SIZE));
-        assert!(out.pixels().all(|p| p.0 == [100; 3]));
-
-        // Large enough to take the box-average pre-shrink; the white bands still must not leak.
-        let big = RgbImage::from_fn(1200, 900, |x, _| {
-            if (150..1050).contains(&x) {
-                Rgb([100, 150, 200])
-            } else {
-                Rgb([255; 3])
-            }
-        });
-        let out = face_crop(&big, None);
-        assert_eq!(out.dimensions(), (FACE_SIZE, FACE_SIZE));
-        assert!(out.pixels().all(|p| p
-            .0
-            .iter()
-            .zip([100u8, 150, 200])
-            .all(|(a, b)| a.abs_diff(b) <= 1)));
-
-        let tall = RgbImage::from_fn(30, 71, |x, y| Rgb([x as u8, y as u8, 0]));
-        assert_eq!(face_crop(&tall, None).dimensions(), (FACE_SIZE, FACE_SIZE));
-        assert_eq!(
-            face_crop(&RgbImage::new(0, 0), None),
-            RgbImage::new(FACE_SIZE, FACE_SIZE)
-        );
     }
 
     struct Row {
@@ -449,7 +380,7 @@ mod tests {
             let reference = read(&aligned);
             let photo = read(&row.image);
             assert_eq!(photo.dimensions(), (250, 250));
-            let ours = face_crop(&photo, Some(&row.landmarks));
+            let ours = align(&photo, &row.landmarks).unwrap();
             let mean = mean_abs_diff(&ours, &reference);
             assert!(mean < 3.0, "{}: mean abs difference {mean:.3}", row.image);
             if mean > worst.0 {
@@ -460,7 +391,7 @@ mod tests {
 
             if count <= 5 {
                 let moved = row.landmarks.map(|p| [p[0] + 1.5, p[1]]);
-                let off = mean_abs_diff(&face_crop(&photo, Some(&moved)), &reference);
+                let off = mean_abs_diff(&align(&photo, &moved).unwrap(), &reference);
                 assert!(
                     off > 3.0,
                     "{}: a 1.5 px shift only changes the crop by {off:.3}",

@@ -7,7 +7,8 @@
 mod align;
 mod decode;
 
-pub use align::{face_crop, parse_landmarks, Landmarks, TEMPLATE};
+pub(crate) use align::fit_similarity;
+pub use align::{align, parse_landmarks, Landmarks, TEMPLATE};
 pub use decode::{decode, decoded_size, DecodeLimits};
 
 /// Side of the square RGB face crop the model consumes.

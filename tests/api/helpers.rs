@@ -38,6 +38,11 @@ pub fn test_config(db_path: &Path) -> Config {
         format!("--model={}", root.join("models/mobiface.onnx").display()),
         format!("--ort-dylib={}", dylib.display()),
         format!("--database={}", db_path.display()),
+        format!(
+            "--detector={}",
+            root.join("third_party/yunet/face_detection_yunet_2023mar.onnx")
+                .display()
+        ),
     ];
     ConfigArgs::try_parse_from(args)
         .expect("test configuration parses")

@@ -1,4 +1,5 @@
 //! HTTP-level tests against the real application (one test binary, one helper).
+mod detect;
 mod embed;
 mod gallery;
 mod hardening;

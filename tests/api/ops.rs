@@ -295,8 +295,8 @@ async fn every_protected_route_refuses_wrong_credentials() {
             rejections += 1.0;
         }
         // A read key is enough for reads and matching, never for gallery writes.
-        let needs_admin =
-            *method != "GET" && !["/embed", "/verify", "/identify"].contains(&path.as_str());
+        let needs_admin = *method != "GET"
+            && !["/embed", "/detect", "/verify", "/identify"].contains(&path.as_str());
         let read = request(&app, method, &url, Some(("x-api-key", READ_KEY.into())))
             .send()
             .await

@@ -123,6 +123,10 @@ def parse_dockerfile(path: Path) -> tuple[dict[str, str], list[Stage]]:
                 lib = ort_lib.replace("$(ORT_DIR)", makefile_var("ORT_DIR")).replace(
                     "$(ORT_VERSION)", makefile_var("ORT_VERSION"))
                 st.produced.add(f"{st.workdir.rstrip('/')}/{lib}")
+            if re.search(r"\bmake\b[^&;]*\bdetector\b", cmd):
+                folder = makefile_var("DETECTOR_DIR")
+                for f in (makefile_var("DETECTOR").replace("$(DETECTOR_DIR)", folder), f"{folder}/LICENSE.txt"):
+                    st.produced.add(f"{st.workdir.rstrip('/')}/{f}")
             for m in re.finditer(r"mkdir -p ([^&;]+)", cmd):
                 for d in m.group(1).split():
                     st.produced.add(d.rstrip("/") + "/")
@@ -198,6 +202,8 @@ def main() -> int:
               f"build stage uses the Rust toolchain on bookworm ({build.base})")
         runs = build.all_runs()
         check(any(re.search(r"\bmake ort\b", r) for r in runs), "build stage runs `make ort` like the Makefile")
+        check(any(re.search(r"\bmake\b[^&;]*\bdetector\b", r) for r in runs),
+              "build stage runs `make detector` like the Makefile")
         check(any(re.search(r"\bcargo build --release\b", r) for r in runs), "build stage runs `cargo build --release`")
 
     # Every COPY from the build context exists and is not excluded by .dockerignore.
@@ -254,6 +260,11 @@ def main() -> int:
         tool = (shlex.split(st.healthcheck.split("CMD", 1)[1])[0] if st.healthcheck and "CMD" in st.healthcheck else "")
         check(tool == "curl" and any(re.search(r"apt-get install[^&]*\bcurl\b", r) for r in st.runs),
               f"[{n}] the HEALTHCHECK tool ({tool}) is installed in the image")
+        det = st.env.get("MOBIFACE_DETECTOR", "")
+        check(bool(det) and any(c["dest"].rstrip("/") == str(Path(det).parent)
+                                and any(Path(x).name == Path(det).name for x in c["srcs"])
+                                for c in st.copies),
+              f"[{n}] MOBIFACE_DETECTOR ({det}) is COPY'd into the image")
         data = st.env.get("MOBIFACE_DATABASE", "")
         check(any(data.startswith(v.rstrip("/") + "/") for v in st.volumes),
               f"[{n}] MOBIFACE_DATABASE ({data}) lies on a VOLUME {st.volumes}")
