@@ -294,6 +294,15 @@ fn exact_schemas(schemas: &mut Value, opts: &DocOptions) {
         "description": "Free-form JSON object, at most 16 KiB serialised"});
     c["additionalProperties"] = json!(false);
     schemas["AddFace"]["additionalProperties"] = json!(false);
+    // /detect finds the landmarks itself: an image with landmarks is refused (422).
+    if schemas.get("DetectRequest").is_some() {
+        schemas["DetectRequest"]["properties"]["image"] = json!({"oneOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "object", "required": ["data"], "properties": {
+                "data": {"type": "string", "minLength": 1}, "landmarks": {"type": "null"}}},
+        ]});
+        schemas["DetectRequest"]["additionalProperties"] = json!(false);
+    }
     // Exactly one probe (`image1` or its alias `image`) and exactly one reference (`image2`
     // or `subject_id`); a null counts as absent.
     let absent = json!({"type": "null"});
