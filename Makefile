@@ -8,7 +8,7 @@ VENV := .venv
 VENV_TRAIN := .venv-train
 export ORT_DYLIB_PATH ?= $(abspath $(ORT_LIB))
 
-.PHONY: run test bench train ort detector detector-golden venv venv-train lint fmt prometheus-tools teacher-torch fuzz soak
+.PHONY: run test bench train ort detector detector-golden venv venv-train lint fmt prometheus-tools teacher-torch postgres fuzz soak
 
 ## ONNX Runtime shared library, taken out of the PyPI wheel (the ort crate's own download cannot reach its host).
 ort: $(ORT_LIB)
@@ -63,6 +63,13 @@ APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 prometheus-tools:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { $(APT_INSTALL) prometheus >/dev/null; }
 
+## PostgreSQL 15 server binaries from Debian's package, for the replica tests and benchmark. The
+## tests start (and stop) their own throwaway cluster from /usr/lib/postgresql/15/bin, as the
+## `postgres` user the package creates, in a temporary folder on a loopback port; nothing here
+## starts a server.
+postgres:
+	@test -x /usr/lib/postgresql/15/bin/initdb || { $(APT_INSTALL) --no-install-recommends postgresql-15 >/dev/null; }
+
 ## Serve on 127.0.0.1:8080 with models/mobiface.onnx and data/gallery.db.
 run: ort detector
 	cargo run --release --locked -- serve
@@ -72,10 +79,11 @@ run: ort detector
 SCHEMATHESIS_EXAMPLES ?= 20
 
 ## Everything CI runs: model graph checks, Dockerfile checks, all Rust tests
-## (real model, real SQLite, real HTTP), and the real-Prometheus proof. `cargo test`
+## (real model, real SQLite, a real PostgreSQL cluster the tests start themselves, real HTTP),
+## and the real-Prometheus proof. `cargo test`
 ## also builds target/debug/mobiface, with the tests' feature set, for that proof
 ## (a separate `cargo build` would compile the dependencies a second time).
-test: ort detector venv prometheus-tools
+test: ort detector venv prometheus-tools postgres
 	$(VENV)/bin/python models/test_model.py
 	$(VENV)/bin/python tests/ops/check_dockerfile.py
 	cargo test --locked
@@ -148,8 +156,10 @@ soak: ort venv
 
 ## Benchmarks (not tests; numbers vary by machine): engine throughput and latency
 ## across worker layouts and batch caps, face detection per photo size and /embed on whole
-## photos vs crops, then 1:N search next to FAISS IndexFlatIP.
-bench: ort detector
+## photos vs crops, 1:N search next to FAISS IndexFlatIP, then enrolment and identify with one
+## and three replicas on one PostgreSQL, and how long a change takes to show on another replica.
+bench: ort detector postgres
 	cargo run --release --locked --example bench_embed -- $(or $(BENCH_SECONDS),4)
 	cargo run --release --locked --example bench_detect -- $(or $(BENCH_SECONDS),4)
 	bash benches/gallery_search.sh
+	bash benches/replicas.sh $(or $(BENCH_SECONDS),8)

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mobiface::gallery::index::Index;
-use mobiface::gallery::{store, Gallery};
+use mobiface::gallery::{sqlite, Gallery};
 use mobiface::metrics::Metrics;
 use uuid::Uuid;
 
@@ -177,7 +177,7 @@ fn bench_load(a: &Args, n: usize) -> anyhow::Result<serde_json::Value> {
     }
     let t = Instant::now();
     {
-        let conn = store::open(&path)?;
+        let conn = sqlite::open(&path)?;
         // Bulk import in one transaction: per-row fsync is what the service
         // does for acknowledged writes, but would make this set-up take hours.
         let tx = conn.unchecked_transaction()?;
@@ -185,12 +185,12 @@ fn bench_load(a: &Args, n: usize) -> anyhow::Result<serde_json::Value> {
         let mut v = vec![0f32; DIM];
         for i in 0..n {
             let s = Uuid::new_v4();
-            store::insert_subject(&tx, &s, &format!("subject {i}"), "{}")?;
+            sqlite::insert_subject(&tx, &s, &format!("subject {i}"), "{}")?;
             rng.unit(&mut v);
-            store::insert_face(&tx, &Uuid::new_v4(), &s, &v, MODEL)?;
+            sqlite::insert_face(&tx, &Uuid::new_v4(), &s, &v, MODEL)?;
         }
         tx.commit()?;
-        store::checkpoint(&conn)?;
+        sqlite::checkpoint(&conn)?;
     }
     let write_s = t.elapsed().as_secs_f64();
     let file_bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);

@@ -17,7 +17,7 @@ use base64::Engine as _;
 use clap::Parser;
 use image::imageops::{self, FilterType};
 use image::{GenericImage, RgbImage};
-use mobiface::config::Config;
+use mobiface::config::{Config, Database};
 use mobiface::detection::Detector;
 use mobiface::metrics::Metrics;
 use mobiface::startup::Application;
@@ -92,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("gallery.db");
     let mut config = Args::parse_from(["bench", "--listen=127.0.0.1:0"]).config;
-    config.database = db;
+    config.gallery.database = Database::Sqlite(db);
 
     let rel = "eval/Aaron_Eckhart/Aaron_Eckhart_0001.jpg";
     let raw = std::fs::read(lfw(rel))?;

@@ -81,6 +81,83 @@ impl EngineConfig {
     }
 }
 
+/// Where the gallery lives: a SQLite file (one replica), or a PostgreSQL
+/// server shared by several replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    Sqlite(PathBuf),
+    /// A `postgres://` or `postgresql://` connection URL.
+    Postgres(String),
+}
+
+impl std::str::FromStr for Database {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let lower = s.to_ascii_lowercase();
+        Ok(
+            if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
+                Database::Postgres(s.to_string())
+            } else {
+                Database::Sqlite(PathBuf::from(s))
+            },
+        )
+    }
+}
+
+impl std::fmt::Display for Database {
+    /// The URL's password, if any, is shown as `***`: this goes to logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite(p) => write!(f, "{}", p.display()),
+            Database::Postgres(url) => f.write_str(&redact_url(url)),
+        }
+    }
+}
+
+impl Serialize for Database {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// `postgres://user:secret@host/db` -> `postgres://user:***@host/db`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some(parts) => parts,
+        None => return url.to_string(),
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+/// The gallery's storage and, with PostgreSQL, its replication.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct GalleryConfig {
+    /// SQLite gallery file (its folder is created if missing), or a `postgres://` URL for a
+    /// gallery shared by several replicas.
+    #[arg(long, env = "MOBIFACE_DATABASE", default_value = "data/gallery.db")]
+    pub database: Database,
+    /// PostgreSQL connections this replica may hold (besides its one change-log listener).
+    #[arg(long, env = "MOBIFACE_DB_POOL_SIZE", default_value_t = 8)]
+    pub db_pool_size: usize,
+    /// How long a request waits for a pooled PostgreSQL connection before 503, in ms.
+    #[arg(long, env = "MOBIFACE_DB_POOL_TIMEOUT_MS", default_value_t = 2000)]
+    pub db_pool_timeout_ms: u64,
+    /// PostgreSQL: a replica re-reads the change log at least this often even when no
+    /// notification arrives, bounding how stale its index can get, in ms.
+    #[arg(long, env = "MOBIFACE_CATCHUP_INTERVAL_MS", default_value_t = 1000)]
+    pub catchup_interval_ms: u64,
+    /// PostgreSQL: change-log rows older than this are pruned even if a replica has not
+    /// applied them (that replica then reloads the whole gallery), in seconds.
+    #[arg(long, env = "MOBIFACE_CHANGE_LOG_MAX_AGE_S", default_value_t = 86_400)]
+    pub change_log_max_age_s: u64,
+}
+
 /// The face detector used on photos sent without landmarks; shared by `serve`, `eval` and `align`.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct DetectorConfig {
@@ -116,9 +193,8 @@ pub struct Config {
     pub engine: EngineConfig,
     #[command(flatten)]
     pub detection: DetectorConfig,
-    /// SQLite gallery file; its folder is created if missing.
-    #[arg(long, env = "MOBIFACE_DATABASE", default_value = "data/gallery.db")]
-    pub database: PathBuf,
+    #[command(flatten)]
+    pub gallery: GalleryConfig,
     /// Match threshold on cosine similarity; default: the model's calibrated `mobiface.threshold`.
     #[arg(long, env = "MOBIFACE_THRESHOLD", allow_negative_numbers = true)]
     pub threshold: Option<f32>,
@@ -184,4 +260,41 @@ pub struct Config {
     /// Log output format.
     #[arg(long, env = "MOBIFACE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_is_a_path_or_a_postgres_url_and_logs_without_password() {
+        let parse = |s: &str| s.parse::<Database>().expect("infallible");
+        assert_eq!(
+            parse("data/gallery.db"),
+            Database::Sqlite(PathBuf::from("data/gallery.db"))
+        );
+        assert_eq!(
+            parse("postgres.db"),
+            Database::Sqlite(PathBuf::from("postgres.db"))
+        );
+        for url in [
+            "postgres://u:secret@h:5432/db",
+            "postgresql://u:secret@h/db",
+            "POSTGRES://u:secret@h/db",
+        ] {
+            let db = parse(url);
+            assert_eq!(db, Database::Postgres(url.to_string()));
+            let shown = db.to_string();
+            assert!(!shown.contains("secret"), "{shown}");
+            assert!(shown.contains("u:***@h"), "{shown}");
+            let json = serde_json::to_string(&db).expect("serialises");
+            assert!(!json.contains("secret"), "{json}");
+        }
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        // A password containing '@' is still hidden whole.
+        assert_eq!(
+            redact_url("postgres://u:p@ss@h/db"),
+            "postgres://u:***@h/db"
+        );
+    }
 }

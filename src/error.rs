@@ -43,6 +43,8 @@ pub enum ErrorKind {
     DecodeBusy,
     /// Server is shutting down or the model is not ready.
     Unavailable,
+    /// The gallery's database (PostgreSQL) cannot be reached: retry shortly.
+    DatabaseUnavailable,
     Timeout,
     Internal,
 }
@@ -72,6 +74,7 @@ impl ErrorKind {
             QueueFull => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),
             DecodeBusy => (StatusCode::SERVICE_UNAVAILABLE, "decode_busy"),
             Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            DatabaseUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
             Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -80,7 +83,10 @@ impl ErrorKind {
     /// Seconds a client should wait before retrying, for the kinds where retrying helps.
     fn retry_after(self) -> Option<u32> {
         match self {
-            ErrorKind::QueueFull | ErrorKind::DecodeBusy | ErrorKind::RateLimited => Some(1),
+            ErrorKind::QueueFull
+            | ErrorKind::DecodeBusy
+            | ErrorKind::RateLimited
+            | ErrorKind::DatabaseUnavailable => Some(1),
             ErrorKind::Unavailable => Some(5),
             _ => None,
         }

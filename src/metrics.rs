@@ -43,6 +43,21 @@ pub struct Metrics {
     /// Failed authentications (missing or unknown key), and requests refused 429 for them.
     pub auth_failures: IntCounter,
     pub auth_throttled: IntCounter,
+    /// PostgreSQL replication: change-log rows committed but not yet in this
+    /// replica's index (head sequence minus applied sequence).
+    pub replication_lag: IntGauge,
+    pub replication_applied_seq: IntGauge,
+    /// 1 while the change-log listener is connected.
+    pub replication_connected: IntGauge,
+    /// Passes that applied changes this replica had not yet seen.
+    pub replication_catchups: IntCounter,
+    /// Whole-gallery reloads (start-up, or fallen behind the pruned log).
+    pub replication_reloads: IntCounter,
+    pub db_pool_size: IntGauge,
+    pub db_pool_available: IntGauge,
+    pub db_pool_waiting: IntGauge,
+    /// Time to get a pooled connection (waits show as the upper buckets).
+    pub db_pool_wait: Histogram,
 }
 
 /// Request latency: from a cache-hot 404 (~100 µs) to a large batch on a slow CPU (seconds).
@@ -78,6 +93,13 @@ impl Metrics {
                 .expect("metric names are unique");
             h
         };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("static counter options are valid");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric names are unique");
+            c
+        };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("static gauge options are valid");
             registry
@@ -86,13 +108,6 @@ impl Metrics {
             g
         };
 
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("static counter options are valid");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("metric names are unique");
-            c
-        };
         let http_requests = IntCounterVec::new(
             Opts::new(
                 "mobiface_http_requests_total",
@@ -219,6 +234,43 @@ impl Metrics {
                 "mobiface_auth_throttled_total",
                 "Requests answered 429 because their client address failed authentication too often.",
             ),
+            replication_lag: gauge(
+                "mobiface_replication_lag_changes",
+                "Change-log rows committed in PostgreSQL but not yet applied to this replica's index.",
+            ),
+            replication_applied_seq: gauge(
+                "mobiface_replication_applied_seq",
+                "Last change-log sequence applied to this replica's index.",
+            ),
+            replication_connected: gauge(
+                "mobiface_replication_connected",
+                "1 while this replica's change-log listener is connected to PostgreSQL.",
+            ),
+            replication_catchups: counter(
+                "mobiface_replication_catchups_total",
+                "Change-log passes that applied changes (after a notification or a periodic catch-up).",
+            ),
+            replication_reloads: counter(
+                "mobiface_replication_reloads_total",
+                "Whole-gallery reloads (start-up, or fallen behind the pruned change log).",
+            ),
+            db_pool_size: gauge(
+                "mobiface_db_pool_connections",
+                "PostgreSQL connections the pool holds now.",
+            ),
+            db_pool_available: gauge(
+                "mobiface_db_pool_available",
+                "Idle PostgreSQL connections in the pool.",
+            ),
+            db_pool_waiting: gauge(
+                "mobiface_db_pool_waiting",
+                "Requests waiting for a PostgreSQL connection.",
+            ),
+            db_pool_wait: hist(
+                "mobiface_db_pool_wait_seconds",
+                "Time to get a pooled PostgreSQL connection.",
+                QUEUE_BUCKETS,
+            ),
             detection_duration: hist(
                 "mobiface_detection_duration_seconds",
                 "Face detection on one photo (canvas, detector run, decoding).",
@@ -269,6 +321,7 @@ pub fn rejection_reason(kind: crate::error::ErrorKind) -> Option<&'static str> {
         RateLimited => Some("rate_limited"),
         Timeout => Some("timeout"),
         Unavailable => Some("unavailable"),
+        DatabaseUnavailable => Some("database_unavailable"),
         // Ordinary client mistakes and internal faults are not rejections; a wildcard
         // keeps new kinds from breaking the build of this module.
         _ => None,

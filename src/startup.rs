@@ -75,15 +75,9 @@ impl Application {
             Some(t) => t,
             None => info.threshold,
         };
-        let (db, model_id, dim, gm) = (
-            config.database.clone(),
-            info.id(),
-            info.dim,
-            metrics.clone(),
-        );
-        let gallery = tokio::task::spawn_blocking(move || Gallery::open(&db, &model_id, dim, gm))
+        let gallery = Gallery::connect(&config.gallery, &info.id(), info.dim, metrics.clone())
             .await
-            .context("gallery start-up panicked")??;
+            .context("opening the gallery")?;
         metrics
             .build_info
             .with_label_values(&[

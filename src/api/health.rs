@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use crate::engine::ModelInfo;
+use crate::gallery::replication::Status as Replication;
 use crate::gallery::Counts;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -19,11 +20,23 @@ pub struct Health {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Readiness {
-    /// `ready`, or `draining` once shutdown has begun.
+    /// `ready`; `draining` once shutdown has begun; `database_unavailable`
+    /// while the gallery's PostgreSQL server cannot be reached.
     pub status: &'static str,
     pub model: ModelInfo,
     pub provider: String,
     pub gallery: Counts,
+    /// PostgreSQL galleries only: this replica's place in the change log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicaState>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReplicaState {
+    #[serde(flatten)]
+    pub status: Replication,
+    /// Digest of the indexed face ids: equal on replicas that hold the same faces.
+    pub faces_digest: String,
 }
 
 #[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)), tag = "probes")]
@@ -36,18 +49,27 @@ pub async fn healthz() -> Json<Health> {
 #[utoipa::path(
     get,
     path = "/readyz",
-    responses((status = 200, body = Readiness), (status = 503, description = "Shutting down", body = Readiness)),
+    responses((status = 200, body = Readiness), (status = 503, description = "Shutting down, or the gallery database is unreachable", body = Readiness)),
     tag = "probes"
 )]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let accepting = state.accepting.load(Ordering::Relaxed);
+    let database = state.gallery.available();
     let body = Readiness {
-        status: if accepting { "ready" } else { "draining" },
+        status: match (accepting, database) {
+            (false, _) => "draining",
+            (true, false) => "database_unavailable",
+            (true, true) => "ready",
+        },
         model: state.engine.info().clone(),
         provider: state.config.engine.provider.to_string(),
         gallery: state.gallery.counts(),
+        replication: state.gallery.replication().map(|status| ReplicaState {
+            status,
+            faces_digest: state.gallery.faces_digest(),
+        }),
     };
-    let code = if accepting {
+    let code = if accepting && database {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -96,6 +96,7 @@ fn parse_metadata(raw: &serde_json::value::RawValue) -> Result<serde_json::Value
     responses(
         (status = 201, body = Subject),
         (status = 422, description = "Empty or long name, metadata not an object or too large, wrong JSON shape", body = ErrorBody),
+        (status = 503, description = "Gallery database unreachable (PostgreSQL backend; see Retry-After)", body = ErrorBody),
     ),
     tag = "gallery"
 )]
@@ -115,6 +116,7 @@ pub async fn create_subject(
     responses(
         (status = 200, body = SubjectPage, description = "Subjects in creation order"),
         (status = 422, description = "Bad limit or cursor", body = ErrorBody),
+        (status = 503, description = "Gallery database unreachable (PostgreSQL backend; see Retry-After)", body = ErrorBody),
     ),
     tag = "gallery"
 )]
@@ -133,6 +135,7 @@ pub async fn list_subjects(
     responses(
         (status = 200, body = SubjectDetail),
         (status = 404, description = "No such subject", body = ErrorBody),
+        (status = 503, description = "Gallery database unreachable (PostgreSQL backend; see Retry-After)", body = ErrorBody),
     ),
     tag = "gallery"
 )]
@@ -152,6 +155,7 @@ pub async fn get_subject(
     responses(
         (status = 204, description = "Deleted, with all its faces"),
         (status = 404, description = "No such subject", body = ErrorBody),
+        (status = 503, description = "Gallery database unreachable (PostgreSQL backend; see Retry-After)", body = ErrorBody),
     ),
     tag = "gallery"
 )]
@@ -176,7 +180,7 @@ pub async fn delete_subject(
         (status = 404, description = "No such subject", body = ErrorBody),
         (status = 413, description = "Body or image too large", body = ErrorBody),
         (status = 422, description = "Wrong JSON shape, or no usable face (`no_face`, `face_too_small`, `multiple_faces`)", body = ErrorBody),
-        (status = 503, description = "Inference queue full (see Retry-After)", body = ErrorBody),
+        (status = 503, description = "Inference queue full, or the gallery database unreachable (see Retry-After)", body = ErrorBody),
     ),
     tag = "gallery"
 )]
@@ -187,7 +191,7 @@ pub async fn add_face(
 ) -> Result<(StatusCode, Json<FaceCreated>), ApiError> {
     let Path(id) = id.map_err(path_error)?;
     let subject_id = parse_id(&id, "subject")?;
-    if !state.gallery.has_subject(&subject_id) {
+    if !state.gallery.subject_exists(&subject_id).await? {
         return Err(ApiError::not_found(format!(
             "no subject with id {subject_id}"
         )));
@@ -215,6 +219,7 @@ pub async fn add_face(
     responses(
         (status = 204, description = "Deleted"),
         (status = 404, description = "No such subject, or no such face under it", body = ErrorBody),
+        (status = 503, description = "Gallery database unreachable (PostgreSQL backend; see Retry-After)", body = ErrorBody),
     ),
     tag = "gallery"
 )]

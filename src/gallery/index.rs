@@ -144,6 +144,11 @@ impl Index {
         self.row_of.contains_key(id)
     }
 
+    /// Every indexed face id, in no particular order.
+    pub fn face_ids(&self) -> impl Iterator<Item = &Uuid> + '_ {
+        self.row_of.keys()
+    }
+
     /// Current matrix row of a face (rows move on deletes).
     pub fn row_of_face(&self, id: &Uuid) -> Option<usize> {
         self.row_of.get(id).map(|&r| r as usize)

@@ -1,27 +1,32 @@
-//! The gallery: subjects and their face embeddings, stored in SQLite and
-//! searched through an in-memory exact index.
+//! The gallery: subjects and their face embeddings, stored durably by one
+//! [`Store`] backend and searched through an exact in-memory index.
 //!
-//! SQLite is the source of truth; the index mirrors the faces of the running
-//! model. Every write commits to SQLite first and updates the index while
-//! still holding the connection lock, so the two can never disagree about the
-//! order of writes, and an answer is sent only after both.
+//! The backend is the source of truth; the index (one per process, see
+//! [`mirror`]) mirrors the faces of the running model. A write is answered
+//! only once it is committed and visible in this process's index. With
+//! SQLite there is one process; with PostgreSQL every replica keeps its own
+//! index and applies the others' writes from a change log ([`replication`]).
 
 pub mod index;
+pub mod mirror;
+pub mod postgres;
+pub mod replication;
+pub mod sqlite;
 pub mod store;
+pub mod testing;
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::path::Path;
+use std::sync::Arc;
 
-use rusqlite::Connection;
 use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::config::{Database, GalleryConfig};
 use crate::error::{ApiError, ErrorKind};
 use crate::metrics::Metrics;
-use index::Index;
-pub use store::LoadReport;
+use mirror::Mirror;
+pub use store::{Change, Store};
 
 /// Longest subject name, in characters.
 pub const MAX_NAME_CHARS: usize = 256;
@@ -41,14 +46,11 @@ pub enum GalleryError {
     Invalid(String),
     #[error("the gallery is closed (shutting down)")]
     Closed,
+    /// The database cannot be reached now; retrying later may succeed.
+    #[error("the gallery database is unreachable: {0}")]
+    Unavailable(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
-}
-
-impl From<rusqlite::Error> for GalleryError {
-    fn from(e: rusqlite::Error) -> Self {
-        GalleryError::Internal(e.into())
-    }
 }
 
 impl From<GalleryError> for ApiError {
@@ -57,9 +59,27 @@ impl From<GalleryError> for ApiError {
             GalleryError::NotFound(m) => ApiError::not_found(m),
             GalleryError::Invalid(m) => ApiError::invalid(m),
             GalleryError::Closed => ApiError::new(ErrorKind::Unavailable, e.to_string()),
+            GalleryError::Unavailable(_) => {
+                tracing::warn!(error = %e, "gallery write or read refused");
+                ApiError::new(
+                    ErrorKind::DatabaseUnavailable,
+                    "the gallery database is unreachable; retry later",
+                )
+            }
             GalleryError::Internal(e) => ApiError::internal(format!("gallery: {e:#}")),
         }
     }
+}
+
+/// What start-up found in the database.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    pub subjects: usize,
+    pub faces: usize,
+    pub faces_other_model: u64,
+    /// Rows of the running model whose blob is not `dim` floats (never expected).
+    pub faces_malformed: u64,
+    pub elapsed: std::time::Duration,
 }
 
 pub type Result<T, E = GalleryError> = std::result::Result<T, E>;
@@ -132,71 +152,19 @@ pub struct Counts {
     pub faces_other_model: u64,
 }
 
-struct Inner {
-    /// `None` after `close()`.
-    conn: Mutex<Option<Connection>>,
-    index: RwLock<Index>,
-    model: String,
-    dim: usize,
-    faces_other_model: AtomicU64,
-    metrics: Arc<Metrics>,
-    path: PathBuf,
-}
-
-/// Cheap to clone; all clones share one connection and one index.
+/// Cheap to clone; all clones share one backend and one index.
 #[derive(Clone)]
 pub struct Gallery {
-    inner: Arc<Inner>,
+    store: Arc<dyn Store>,
+    mirror: Arc<Mirror>,
 }
 
 impl std::fmt::Debug for Gallery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gallery")
-            .field("path", &self.inner.path)
-            .field("model", &self.inner.model)
+            .field("store", &self.store.describe())
+            .field("model", &self.mirror.model)
             .finish_non_exhaustive()
-    }
-}
-
-// A poisoned lock means a panic happened mid-operation elsewhere. The SQLite
-// connection rolls back an unfinished transaction by itself, and index updates
-// do not panic between their steps, so carrying on beats failing every later
-// request.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl Inner {
-    fn read(&self) -> RwLockReadGuard<'_, Index> {
-        self.index.read().unwrap_or_else(|e| e.into_inner())
-    }
-    fn write(&self) -> RwLockWriteGuard<'_, Index> {
-        self.index.write().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn update_gauges(&self, idx: &Index) {
-        self.metrics.gallery_subjects.set(idx.subjects() as i64);
-        self.metrics.gallery_faces.set(idx.faces() as i64);
-        self.metrics
-            .gallery_faces_other_model
-            .set(self.faces_other_model.load(Ordering::Relaxed) as i64);
-    }
-
-    /// Saturating, so rows another process added behind our back can never
-    /// wrap the count around when they are deleted through us.
-    fn sub_other_model(&self, n: u64) {
-        let _ = self
-            .faces_other_model
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                Some(v.saturating_sub(n))
-            });
-    }
-
-    /// Runs `f` with the connection (the one writer), failing if closed.
-    fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        let guard = lock(&self.conn);
-        let conn = guard.as_ref().ok_or(GalleryError::Closed)?;
-        f(conn)
     }
 }
 
@@ -234,92 +202,138 @@ pub fn check_threshold(threshold: f32) -> Result<()> {
     Ok(())
 }
 
+fn log_loaded(store: &dyn Store, model_id: &str, report: &LoadReport) {
+    tracing::info!(
+        database = %store.describe(),
+        model = model_id,
+        subjects = report.subjects,
+        faces = report.faces,
+        faces_other_model = report.faces_other_model,
+        load_ms = report.elapsed.as_millis() as u64,
+        "gallery loaded"
+    );
+    if report.faces_other_model > 0 {
+        tracing::warn!(
+            faces_other_model = report.faces_other_model,
+            model = model_id,
+            "the gallery holds faces made by another model; they are kept but never searched \
+             (re-enrol those subjects with this model to make them searchable)"
+        );
+    }
+    if report.faces_malformed > 0 {
+        tracing::warn!(
+            faces_malformed = report.faces_malformed,
+            "skipped faces whose stored embedding does not fit this model's size"
+        );
+    }
+}
+
 impl Gallery {
-    /// Opens the database (creating file and folder if missing), applies
-    /// migrations and loads the index of `model_id`'s faces. Blocking: call it
-    /// at start-up, before serving.
+    /// Opens the configured backend, applies its migrations and loads the
+    /// index of `model_id`'s faces (and, for PostgreSQL, starts following the
+    /// change log). Call it at start-up, before serving.
+    pub async fn connect(
+        config: &GalleryConfig,
+        model_id: &str,
+        dim: usize,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Gallery> {
+        match &config.database {
+            Database::Sqlite(path) => {
+                let (path, model_id) = (path.clone(), model_id.to_string());
+                tokio::task::spawn_blocking(move || Gallery::open(&path, &model_id, dim, metrics))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("gallery start-up panicked: {e}"))?
+            }
+            Database::Postgres(url) => {
+                let mirror = Arc::new(Mirror::new(model_id, dim, metrics.clone()));
+                let (store, report) =
+                    postgres::PgStore::connect(url, config, mirror.clone(), metrics).await?;
+                log_loaded(&store, model_id, &report);
+                Ok(Gallery {
+                    store: Arc::new(store),
+                    mirror,
+                })
+            }
+        }
+    }
+
+    /// Opens a SQLite gallery file (creating file and folder if missing).
+    /// Blocking.
     pub fn open(
         path: &Path,
         model_id: &str,
         dim: usize,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Gallery> {
-        let conn = store::open(path)?;
-        let (index, report) = store::load_index(&conn, model_id, dim)?;
-        tracing::info!(
-            path = %path.display(),
-            model = model_id,
-            subjects = report.subjects,
-            faces = report.faces,
-            faces_other_model = report.faces_other_model,
-            load_ms = report.elapsed.as_millis() as u64,
-            "gallery loaded"
-        );
-        if report.faces_other_model > 0 {
-            tracing::warn!(
-                faces_other_model = report.faces_other_model,
-                model = model_id,
-                "the gallery holds faces made by another model; they are kept but never searched \
-                 (re-enrol those subjects with this model to make them searchable)"
-            );
-        }
-        if report.faces_malformed > 0 {
-            tracing::warn!(
-                faces_malformed = report.faces_malformed,
-                "skipped faces whose stored embedding does not fit this model's size"
-            );
-        }
-        let inner = Inner {
-            conn: Mutex::new(Some(conn)),
-            index: RwLock::new(index),
-            model: model_id.to_string(),
-            dim,
-            faces_other_model: AtomicU64::new(report.faces_other_model),
-            metrics,
-            path: path.to_path_buf(),
-        };
-        inner.update_gauges(&inner.read());
+        let mirror = Arc::new(Mirror::new(model_id, dim, metrics));
+        let (store, report) = sqlite::SqliteStore::open(path, mirror.clone())?;
+        log_loaded(&store, model_id, &report);
         Ok(Gallery {
-            inner: Arc::new(inner),
+            store: Arc::new(store),
+            mirror,
         })
     }
 
     pub fn model_id(&self) -> &str {
-        &self.inner.model
+        &self.mirror.model
     }
 
     pub fn dim(&self) -> usize {
-        self.inner.dim
+        self.mirror.dim
     }
 
-    pub fn path(&self) -> &Path {
-        &self.inner.path
+    /// Where the data lives (a path, or a URL without its password).
+    pub fn describe(&self) -> String {
+        self.store.describe()
+    }
+
+    /// Whether the backend can take writes now (`/readyz` answers 503 when not).
+    pub fn available(&self) -> bool {
+        self.store.available()
     }
 
     pub fn counts(&self) -> Counts {
-        let idx = self.inner.read();
+        let idx = self.mirror.read();
         Counts {
             subjects: idx.subjects(),
             faces: idx.faces(),
-            faces_other_model: self.inner.faces_other_model.load(Ordering::Relaxed),
+            faces_other_model: self.mirror.faces_other_model(),
         }
     }
 
     /// Whether the subject exists; lets handlers refuse an unknown subject
-    /// before spending a model run on its image (the write re-checks in SQL).
+    /// before spending a model run on its image (the write re-checks).
     pub fn has_subject(&self, id: &Uuid) -> bool {
-        self.inner.read().has_subject(id)
+        self.mirror.read().has_subject(id)
     }
 
-    /// Runs blocking work (SQLite, a large scan) off the async workers.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Inner) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner))
-            .await
-            .map_err(|e| GalleryError::Internal(anyhow::anyhow!("gallery task failed: {e}")))?
+    /// Like `has_subject`, but a subject this replica's index has not seen yet
+    /// (just created on another replica, milliseconds ago) is looked up in the
+    /// shared database, so create-on-A-then-enrol-on-B works behind a load
+    /// balancer. Enrolment uses it before spending a model run on the image.
+    pub async fn subject_exists(&self, id: &Uuid) -> Result<bool> {
+        if self.has_subject(id) {
+            return Ok(true);
+        }
+        if self.store.replication().is_none() {
+            return Ok(false);
+        }
+        Ok(self.store.get_subject(*id).await?.is_some())
+    }
+
+    /// Order-independent digest of the indexed face ids (their wrapping sum
+    /// as 128-bit integers, hex): equal on replicas holding the same faces, so
+    /// operators and tests can compare replicas with each other and with the
+    /// table without listing every face.
+    pub fn faces_digest(&self) -> String {
+        let idx = self.mirror.read();
+        format!("{:032x}", faces_digest(idx.face_ids()))
+    }
+
+    /// Replication state, for `/readyz` (PostgreSQL only).
+    pub fn replication(&self) -> Option<replication::Status> {
+        self.store.replication()
     }
 
     pub async fn create_subject(
@@ -352,17 +366,10 @@ impl Gallery {
                 metadata.len()
             )));
         }
+        // Random v4 ids: replicas creating subjects at once never collide,
+        // and the database's UNIQUE constraint would refuse it if they did.
         let id = Uuid::new_v4();
-        self.blocking(move |inner| {
-            inner.with_conn(|conn| {
-                let subject = store::insert_subject(conn, &id, &name, &metadata)?;
-                let mut idx = inner.write();
-                idx.add_subject(id, name);
-                inner.update_gauges(&idx);
-                Ok(subject)
-            })
-        })
-        .await
+        self.store.create_subject(id, name, metadata).await
     }
 
     /// A page of subjects in creation order. `after` is the `next` cursor of
@@ -386,92 +393,63 @@ impl Gallery {
                 .filter(|v| *v >= 0)
                 .ok_or_else(|| GalleryError::Invalid(format!("malformed cursor {c:?}")))?,
         };
-        self.blocking(move |inner| {
-            inner.with_conn(|conn| {
-                let (subjects, next) = store::list_subjects(conn, limit, after)?;
-                Ok(SubjectPage {
-                    subjects,
-                    next: next.map(|n| n.to_string()),
-                })
-            })
+        let (subjects, next) = self.store.list_subjects(limit, after).await?;
+        Ok(SubjectPage {
+            subjects,
+            next: next.map(|n| n.to_string()),
         })
-        .await
     }
 
     pub async fn get_subject(&self, id: Uuid) -> Result<SubjectDetail> {
-        self.blocking(move |inner| {
-            inner.with_conn(|conn| {
-                store::get_subject(conn, &id)?.ok_or_else(|| subject_not_found(&id))
-            })
-        })
-        .await
+        self.store
+            .get_subject(id)
+            .await?
+            .ok_or_else(|| subject_not_found(&id))
     }
 
     pub async fn delete_subject(&self, id: Uuid) -> Result<()> {
-        self.blocking(move |inner| {
-            inner.with_conn(|conn| {
-                let other = store::delete_subject(conn, &id, &inner.model)?
-                    .ok_or_else(|| subject_not_found(&id))?;
-                let mut idx = inner.write();
-                idx.remove_subject(&id);
-                inner.sub_other_model(other);
-                inner.update_gauges(&idx);
-                Ok(())
-            })
-        })
-        .await
+        if self.store.delete_subject(id).await? {
+            Ok(())
+        } else {
+            Err(subject_not_found(&id))
+        }
     }
 
     /// Stores an embedding (made by the running model) under a subject and
     /// makes it searchable; returns the new face id.
     pub async fn add_face(&self, subject_id: Uuid, embedding: Vec<f32>) -> Result<Uuid> {
-        check_embedding(&embedding, self.inner.dim)?;
+        check_embedding(&embedding, self.mirror.dim)?;
         let face_id = Uuid::new_v4();
-        self.blocking(move |inner| {
-            inner.with_conn(|conn| {
-                store::insert_face(conn, &face_id, &subject_id, &embedding, &inner.model)?
-                    .ok_or_else(|| subject_not_found(&subject_id))?;
-                let mut idx = inner.write();
-                idx.add_face(face_id, &subject_id, &embedding);
-                inner.update_gauges(&idx);
-                Ok(face_id)
-            })
-        })
-        .await
+        if self.store.add_face(face_id, subject_id, embedding).await? {
+            Ok(face_id)
+        } else {
+            Err(subject_not_found(&subject_id))
+        }
     }
 
     pub async fn delete_face(&self, subject_id: Uuid, face_id: Uuid) -> Result<()> {
-        self.blocking(move |inner| {
-            inner.with_conn(|conn| {
-                let model = store::delete_face(conn, &subject_id, &face_id)?.ok_or_else(|| {
-                    GalleryError::NotFound(format!("subject {subject_id} has no face {face_id}"))
-                })?;
-                let mut idx = inner.write();
-                if model == inner.model {
-                    idx.remove_face(&face_id);
-                } else {
-                    inner.sub_other_model(1);
-                }
-                inner.update_gauges(&idx);
-                Ok(())
-            })
-        })
-        .await
+        if self.store.delete_face(subject_id, face_id).await? {
+            Ok(())
+        } else {
+            Err(GalleryError::NotFound(format!(
+                "subject {subject_id} has no face {face_id}"
+            )))
+        }
     }
 
     /// Best similarity of `query` over the subject's searchable faces, and the
     /// face that gave it.
     pub async fn best_for_subject(&self, subject_id: Uuid, query: Vec<f32>) -> Result<(f32, Uuid)> {
-        check_embedding(&query, self.inner.dim)?;
+        check_embedding(&query, self.mirror.dim)?;
         // A handful of dot products: cheaper than a hop to a blocking thread.
-        let idx = self.inner.read();
+        let idx = self.mirror.read();
         let subject = idx
             .subject(&subject_id)
             .ok_or_else(|| subject_not_found(&subject_id))?;
         idx.best_for_subject(subject, &query).ok_or_else(|| {
             GalleryError::Invalid(format!(
                 "subject {subject_id} has no face made by the running model ({}) to compare with",
-                self.inner.model
+                self.mirror.model
             ))
         })
     }
@@ -484,10 +462,12 @@ impl Gallery {
         top_k: usize,
         threshold: f32,
     ) -> Result<Identified> {
-        check_embedding(&query, self.inner.dim)?;
+        check_embedding(&query, self.mirror.dim)?;
         check_search_params(top_k, threshold)?;
-        self.blocking(move |inner| {
-            let idx = inner.read();
+        // A large scan: off the async workers.
+        let mirror = self.mirror.clone();
+        tokio::task::spawn_blocking(move || {
+            let idx = mirror.read();
             let matches = idx
                 .search(&query, top_k, threshold)
                 .into_iter()
@@ -504,22 +484,19 @@ impl Gallery {
             })
         })
         .await
+        .map_err(|e| GalleryError::Internal(anyhow::anyhow!("search task failed: {e}")))?
     }
 
-    /// Checkpoints the WAL into the main file and closes the connection; later
-    /// writes fail with `Closed`. Safe to call more than once.
+    /// Flushes and releases the backend (SQLite: checkpoints the WAL into
+    /// the main file); later writes fail with `Closed`. Safe to call twice.
     pub async fn close(&self) -> Result<()> {
-        self.blocking(|inner| {
-            let mut guard = lock(&inner.conn);
-            if let Some(conn) = guard.take() {
-                store::checkpoint(&conn)?;
-                conn.close().map_err(|(_, e)| GalleryError::from(e))?;
-                tracing::info!(path = %inner.path.display(), "gallery closed");
-            }
-            Ok(())
-        })
-        .await
+        self.store.close().await
     }
+}
+
+/// See [`Gallery::faces_digest`].
+pub fn faces_digest<'a>(ids: impl Iterator<Item = &'a Uuid>) -> u128 {
+    ids.fold(0u128, |acc, id| acc.wrapping_add(id.as_u128()))
 }
 
 fn subject_not_found(id: &Uuid) -> GalleryError {

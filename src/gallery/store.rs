@@ -1,332 +1,77 @@
-//! SQLite persistence: opening with the right pragmas, migrations, and the
-//! statements the gallery needs. Synchronous code; the async `Gallery` calls
-//! it from blocking threads.
+//! The one storage trait the gallery talks to, and the changes a backend
+//! reports so every replica's in-memory index ends up the same.
+//!
+//! Two implementations: [`super::sqlite`] (one process, one file: the embedded
+//! default) and [`super::postgres`] (many replicas on one server, kept in step
+//! through a change log). Handlers and the index never know which one runs.
 
-use std::path::Path;
-use std::time::Instant;
-
-use anyhow::Context;
-use rusqlite::{params, Connection, OptionalExtension};
+use async_trait::async_trait;
 use uuid::Uuid;
 
-use super::index::Index;
-use super::{FaceInfo, Subject, SubjectDetail};
+use super::{Result, Subject, SubjectDetail};
 
-/// Schema migrations, embedded at compile time and applied in this order.
-/// Append only: an applied migration is never edited, a change is a new file.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_gallery",
-    include_str!("../../migrations/0001_gallery.sql"),
-)];
-
-/// Opens (creating if needed) the database file, sets the connection up and
-/// applies pending migrations.
-pub fn open(path: &Path) -> anyhow::Result<Connection> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating database folder {}", dir.display()))?;
-    }
-    let conn =
-        Connection::open(path).with_context(|| format!("opening database {}", path.display()))?;
-    configure(&conn).with_context(|| format!("configuring database {}", path.display()))?;
-    migrate(&conn).with_context(|| format!("migrating database {}", path.display()))?;
-    Ok(conn)
+/// One committed write, as the index must replay it. Every backend applies
+/// its own writes through this type, and PostgreSQL replicas apply each
+/// other's from the change log, so there is one code path into the index.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    SubjectAdded {
+        id: Uuid,
+        name: String,
+    },
+    /// Its faces go too. `other_model_faces`: how many of them were of another
+    /// model, when the backend knows (else the count is re-read).
+    SubjectDeleted {
+        id: Uuid,
+        other_model_faces: Option<u64>,
+    },
+    /// A face of the running model (the only kind this service writes).
+    FaceAdded {
+        face_id: Uuid,
+        subject_id: Uuid,
+        embedding: Vec<f32>,
+    },
+    FaceDeleted {
+        face_id: Uuid,
+        of_running_model: bool,
+    },
 }
 
-fn configure(conn: &Connection) -> rusqlite::Result<()> {
-    // Another process (an admin's sqlite3 shell, a backup) may hold a lock
-    // briefly; wait for it rather than failing a request at once.
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    // A face row is ~2.1 KB (512 f32 + ids), so 4 KiB pages hold one row each
-    // and waste half the file; 16 KiB pages hold seven (90% full), which halves
-    // the file and the start-up read. Only takes effect on a new, empty
-    // database, so it must come before WAL mode and the first table.
-    conn.pragma_update(None, "page_size", 16384)?;
-    // WAL: readers never block the writer and a commit is one sequential append.
-    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        tracing::warn!(
-            mode,
-            "SQLite refused WAL mode (filesystem without shared memory?)"
-        );
-    }
-    // FULL, not NORMAL: in WAL mode NORMAL already survives `kill -9` of this
-    // process (committed frames sit in the OS page cache), but it fsyncs only at
-    // checkpoints, so an OS crash or power cut could drop commits we already
-    // answered 201/204 for. FULL fsyncs the WAL on every commit, which is the
-    // promise "acknowledged writes are durable" makes; it costs one fsync per
-    // enrolment, small next to embedding the face.
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    // Needed for ON DELETE CASCADE from subjects to faces (off by default in SQLite).
-    conn.pragma_update(None, "foreign_keys", true)?;
-    Ok(())
-}
+/// Durable storage of subjects and faces. A write returns only after it is
+/// committed AND visible in this process's index (so a client that got a 201
+/// finds its face on the same replica at once); other replicas see it through
+/// the backend's own replication, if any.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Where the data lives, for logs; never contains a password.
+    fn describe(&self) -> String;
 
-/// Applies each migration not yet recorded in `schema_migrations`, each in its
-/// own transaction together with its record, so a crash mid-way leaves either
-/// the whole migration or none of it. Running it again changes nothing.
-pub fn migrate(conn: &Connection) -> anyhow::Result<usize> {
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (
-             version    TEXT PRIMARY KEY NOT NULL,
-             applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
-         )",
-    )?;
-    let mut applied = 0;
-    for (version, sql) in MIGRATIONS {
-        let done: bool = conn.query_row(
-            "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = ?1)",
-            [version],
-            |r| r.get(0),
-        )?;
-        if done {
-            continue;
-        }
-        let tx = conn.unchecked_transaction()?;
-        tx.execute_batch(sql)
-            .with_context(|| format!("applying migration {version}"))?;
-        tx.execute(
-            "INSERT INTO schema_migrations (version) VALUES (?1)",
-            [version],
-        )?;
-        tx.commit()?;
-        tracing::info!(version, "applied database migration");
-        applied += 1;
-    }
-    Ok(applied)
-}
-
-/// What start-up found in the database.
-#[derive(Debug, Clone, Default)]
-pub struct LoadReport {
-    pub subjects: usize,
-    pub faces: usize,
-    pub faces_other_model: u64,
-    /// Rows of the running model whose blob is not `dim` floats (never expected).
-    pub faces_malformed: u64,
-    pub elapsed: std::time::Duration,
-}
-
-const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
-
-pub fn encode(embedding: &[f32]) -> Vec<u8> {
-    embedding.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-pub fn decode_into(blob: &[u8], out: &mut Vec<f32>) {
-    out.extend(
-        blob.chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-    );
-}
-
-/// Builds the index in one streaming pass over `faces`: rows of `model` are
-/// decoded straight into the matrix; other models' rows are only counted (their
-/// blobs are not even read, thanks to the CASE).
-pub fn load_index(
-    conn: &Connection,
-    model: &str,
-    dim: usize,
-) -> anyhow::Result<(Index, LoadReport)> {
-    let start = Instant::now();
-    let n_faces: i64 = conn.query_row(
-        "SELECT count(*) FROM faces WHERE model = ?1",
-        [model],
-        |r| r.get(0),
-    )?;
-    let n_subjects: i64 = conn.query_row("SELECT count(*) FROM subjects", [], |r| r.get(0))?;
-    let mut index = Index::with_capacity(dim, n_faces.max(0) as usize, n_subjects.max(0) as usize);
-    let mut report = LoadReport::default();
-
-    let mut stmt = conn.prepare("SELECT id, name FROM subjects ORDER BY seq")?;
-    let mut rows = stmt.query([])?;
-    while let Some(row) = rows.next()? {
-        let id: String = row.get(0)?;
-        let id =
-            Uuid::parse_str(&id).with_context(|| format!("subject id {id:?} is not a UUID"))?;
-        index.add_subject(id, row.get(1)?);
+    /// Whether the backend can serve writes now (`/readyz`).
+    fn available(&self) -> bool {
+        true
     }
 
-    let mut stmt = conn.prepare(
-        "SELECT id, subject_id, model = ?1, CASE WHEN model = ?1 THEN embedding END FROM faces",
-    )?;
-    let mut rows = stmt.query([model])?;
-    let mut buf = Vec::with_capacity(dim);
-    while let Some(row) = rows.next()? {
-        let ours: bool = row.get(2)?;
-        if !ours {
-            report.faces_other_model += 1;
-            continue;
-        }
-        let blob = row.get_ref(3)?.as_blob()?;
-        let fid = Uuid::parse_str(row.get_ref(0)?.as_str()?);
-        let sid = Uuid::parse_str(row.get_ref(1)?.as_str()?);
-        buf.clear();
-        decode_into(blob, &mut buf);
-        match (fid, sid) {
-            (Ok(fid), Ok(sid)) if blob.len() == dim * 4 && index.add_face(fid, &sid, &buf) => {}
-            _ => report.faces_malformed += 1,
-        }
+    /// Replication state, for backends that replicate.
+    fn replication(&self) -> Option<super::replication::Status> {
+        None
     }
-    report.subjects = index.subjects();
-    report.faces = index.faces();
-    report.elapsed = start.elapsed();
-    Ok((index, report))
-}
 
-fn subject_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, Subject)> {
-    let metadata: String = row.get(3)?;
-    Ok((
-        row.get(0)?,
-        Subject {
-            id: row.get(1)?,
-            name: row.get(2)?,
-            // The column only ever receives serialised JSON objects; a hand-edited
-            // bad value shows as null rather than failing the whole listing.
-            metadata: serde_json::from_str(&metadata).unwrap_or(serde_json::Value::Null),
-            created_at: row.get(4)?,
-            face_count: row.get(5)?,
-        },
-    ))
-}
+    async fn create_subject(&self, id: Uuid, name: String, metadata: String) -> Result<Subject>;
 
-const SUBJECT_COLUMNS: &str = "s.seq, s.id, s.name, s.metadata, s.created_at, \
-     (SELECT count(*) FROM faces f WHERE f.subject_id = s.id)";
+    /// Subjects in creation order after cursor `after`, and the next cursor.
+    async fn list_subjects(&self, limit: usize, after: i64) -> Result<(Vec<Subject>, Option<i64>)>;
 
-pub fn insert_subject(
-    conn: &Connection,
-    id: &Uuid,
-    name: &str,
-    metadata: &str,
-) -> anyhow::Result<Subject> {
-    let created_at: String = conn.query_row(
-        &format!("INSERT INTO subjects (id, name, metadata, created_at) VALUES (?1, ?2, ?3, {NOW}) RETURNING created_at"),
-        params![id.to_string(), name, metadata],
-        |r| r.get(0),
-    )?;
-    Ok(Subject {
-        id: id.to_string(),
-        name: name.to_string(),
-        metadata: serde_json::from_str(metadata)?,
-        created_at,
-        face_count: 0,
-    })
-}
+    async fn get_subject(&self, id: Uuid) -> Result<Option<SubjectDetail>>;
 
-/// Subjects in creation order after cursor `after` (a `seq`), plus the next cursor.
-pub fn list_subjects(
-    conn: &Connection,
-    limit: usize,
-    after: i64,
-) -> anyhow::Result<(Vec<Subject>, Option<i64>)> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {SUBJECT_COLUMNS} FROM subjects s WHERE s.seq > ?1 ORDER BY s.seq LIMIT ?2"
-    ))?;
-    // One extra row tells whether another page exists without a count query.
-    let rows = stmt
-        .query_map(params![after, (limit + 1) as i64], subject_from_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    let more = rows.len() > limit;
-    let mut subjects = Vec::with_capacity(limit);
-    let mut last = None;
-    for (seq, s) in rows.into_iter().take(limit) {
-        last = Some(seq);
-        subjects.push(s);
-    }
-    Ok((subjects, if more { last } else { None }))
-}
+    /// `false` when there was no such subject.
+    async fn delete_subject(&self, id: Uuid) -> Result<bool>;
 
-pub fn get_subject(conn: &Connection, id: &Uuid) -> anyhow::Result<Option<SubjectDetail>> {
-    let id = id.to_string();
-    let subject = conn
-        .query_row(
-            &format!("SELECT {SUBJECT_COLUMNS} FROM subjects s WHERE s.id = ?1"),
-            [&id],
-            subject_from_row,
-        )
-        .optional()?;
-    let Some((_, subject)) = subject else {
-        return Ok(None);
-    };
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, created_at, model FROM faces WHERE subject_id = ?1 ORDER BY created_at, rowid",
-    )?;
-    let faces = stmt
-        .query_map([&id], |r| {
-            Ok(FaceInfo {
-                id: r.get(0)?,
-                created_at: r.get(1)?,
-                model: r.get(2)?,
-            })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(Some(SubjectDetail { subject, faces }))
-}
+    /// `false` when the subject does not exist (any more).
+    async fn add_face(&self, face_id: Uuid, subject_id: Uuid, embedding: Vec<f32>) -> Result<bool>;
 
-/// Deletes a subject (its faces go by cascade). Returns `None` if it did not
-/// exist, else how many of its faces were of another model (to keep that
-/// count in step without rescanning the table).
-pub fn delete_subject(conn: &Connection, id: &Uuid, model: &str) -> anyhow::Result<Option<u64>> {
-    let id = id.to_string();
-    let tx = conn.unchecked_transaction()?;
-    let other: i64 = tx.query_row(
-        "SELECT count(*) FROM faces WHERE subject_id = ?1 AND model != ?2",
-        [&id, model],
-        |r| r.get(0),
-    )?;
-    let deleted = tx.execute("DELETE FROM subjects WHERE id = ?1", [&id])? > 0;
-    tx.commit()?;
-    Ok(deleted.then_some(other.max(0) as u64))
-}
+    /// `false` when the subject has no such face.
+    async fn delete_face(&self, subject_id: Uuid, face_id: Uuid) -> Result<bool>;
 
-/// Inserts a face if its subject exists; returns the face's `created_at`, or
-/// `None` when the subject does not exist.
-pub fn insert_face(
-    conn: &Connection,
-    face_id: &Uuid,
-    subject_id: &Uuid,
-    embedding: &[f32],
-    model: &str,
-) -> anyhow::Result<Option<String>> {
-    let created_at = conn
-        .query_row(
-            &format!(
-                "INSERT INTO faces (id, subject_id, embedding, dim, model, created_at) \
-                 SELECT ?1, ?2, ?3, ?4, ?5, {NOW} WHERE EXISTS (SELECT 1 FROM subjects WHERE id = ?2) \
-                 RETURNING created_at"
-            ),
-            params![
-                face_id.to_string(),
-                subject_id.to_string(),
-                encode(embedding),
-                embedding.len() as i64,
-                model
-            ],
-            |r| r.get(0),
-        )
-        .optional()?;
-    Ok(created_at)
-}
-
-/// Deletes a face of a subject; returns the model it was made by, or `None`
-/// when there is no such face under that subject.
-pub fn delete_face(
-    conn: &Connection,
-    subject_id: &Uuid,
-    face_id: &Uuid,
-) -> anyhow::Result<Option<String>> {
-    Ok(conn
-        .query_row(
-            "DELETE FROM faces WHERE id = ?1 AND subject_id = ?2 RETURNING model",
-            [face_id.to_string(), subject_id.to_string()],
-            |r| r.get(0),
-        )
-        .optional()?)
-}
-
-/// Copies everything in the WAL into the main file and truncates the WAL, so a
-/// cleanly stopped service leaves one self-contained file.
-pub fn checkpoint(conn: &Connection) -> anyhow::Result<()> {
-    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-    Ok(())
+    /// Flushes and releases the backend; later calls fail with `Closed`.
+    async fn close(&self) -> Result<()>;
 }

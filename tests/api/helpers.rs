@@ -1,12 +1,16 @@
 //! One way to start the real application for a test: real model, real ONNX
 //! Runtime, a fresh SQLite file, HTTP over loopback on a free port.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use base64::Engine as _;
 use clap::Parser;
 use mobiface::api::AppState;
-use mobiface::config::Config;
+use mobiface::config::{Config, Database};
+use mobiface::gallery::testing::TestCluster;
 use mobiface::startup::Application;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -73,7 +77,10 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Config)) -> TestApp {
     let db_path = dir.path().join("gallery.db");
     let mut config = test_config(&db_path);
     customise(&mut config);
-    let db_path = config.database.clone();
+    let db_path = match &config.gallery.database {
+        Database::Sqlite(path) => path.clone(),
+        Database::Postgres(_) => PathBuf::new(),
+    };
     let app = Application::build(config)
         .await
         .expect("application builds");
@@ -92,6 +99,17 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Config)) -> TestApp {
         stop,
         server,
     }
+}
+
+/// The same application twice: on a fresh SQLite file, and on a fresh
+/// database of the shared throwaway PostgreSQL cluster.
+pub async fn spawn_app_both() -> [TestApp; 2] {
+    let url = TestCluster::shared()
+        .create_database("api")
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let sqlite = spawn_app().await;
+    let postgres = spawn_app_with(|c| c.gallery.database = Database::Postgres(url)).await;
+    [sqlite, postgres]
 }
 
 impl TestApp {
@@ -217,4 +235,77 @@ pub fn venv_python() -> PathBuf {
         python.display()
     );
     python
+}
+
+/// The real binary (`mobiface serve`) as a child process on a chosen database.
+pub struct Server {
+    child: Child,
+    pub address: String,
+}
+
+impl Server {
+    /// On a SQLite file.
+    pub fn start(db: &Path) -> Server {
+        Server::start_on(&db.display().to_string(), &[])
+    }
+
+    /// On any `--database` value (a SQLite path or a PostgreSQL URL), with extra flags.
+    pub fn start_on(database: &str, extra: &[&str]) -> Server {
+        let root = manifest_dir();
+        let dylib = std::env::var("ORT_DYLIB_PATH")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| root.join("third_party/onnxruntime/libonnxruntime.so.1.31.1"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mobiface"))
+            .arg("serve")
+            .arg("--listen=127.0.0.1:0")
+            .arg(format!(
+                "--model={}",
+                root.join("models/mobiface.onnx").display()
+            ))
+            .arg(format!("--ort-dylib={}", dylib.display()))
+            .arg(format!("--database={database}"))
+            .args(extra)
+            .arg("--log-format=json")
+            .env("RUST_LOG", "info")
+            .env_remove("MOBIFACE_API_KEYS_FILE")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("binary starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Keeps draining the log so the child never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if v["message"] == "listening" {
+                        if let Some(a) = v["address"].as_str() {
+                            let _ = tx.send(a.to_string());
+                        }
+                    }
+                }
+            }
+        });
+        let address = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the server logs `listening` with its address");
+        Server {
+            child,
+            address: format!("http://{address}"),
+        }
+    }
+
+    /// SIGKILL (what `Child::kill` sends on Unix): no shutdown path, no
+    /// checkpoint, no flush.
+    pub fn kill9(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Server {
+    // Also on a failed assertion, so no server outlives its test.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -5,4 +5,5 @@ mod gallery;
 mod hardening;
 mod helpers;
 mod ops;
+mod replicas;
 mod trained;

@@ -342,6 +342,25 @@ def main() -> int:
     probe = ctr.get("readinessProbe", {})
     check(probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3) <= drain,
           "k8s readiness probe sees the drain period's 503 before the listener closes")
+
+    # k8s PostgreSQL overlay: builds on the base, takes the URL from a secret, scales out.
+    overlay = yaml.safe_load((ROOT / "deploy/k8s/postgres/kustomization.yaml").read_text())
+    check(overlay.get("resources") == [".."], "k8s postgres overlay builds on the SQLite base")
+    ops = {}
+    for p in overlay.get("patches", []):
+        body = yaml.safe_load(p["patch"])
+        ops[p["target"]["kind"]] = body if isinstance(body, list) else body
+    hpa_ops = {o["path"]: o.get("value") for o in ops.get("HorizontalPodAutoscaler", [])}
+    check((hpa_ops.get("/spec/maxReplicas") or 1) > 1, "k8s postgres overlay lets the HPA scale out")
+    dep_ops = {o["path"]: o for o in ops.get("Deployment", [])}
+    env1 = (dep_ops.get("/spec/template/spec/containers/0/env/1") or {}).get("value", {})
+    base_env = ctr.get("env", [])
+    check(len(base_env) > 1 and base_env[1]["name"] == "MOBIFACE_DATABASE"
+          and env1.get("name") == "MOBIFACE_DATABASE" and "secretKeyRef" in env1.get("valueFrom", {}),
+          "k8s postgres overlay replaces env[1] (MOBIFACE_DATABASE) with the URL from a secret")
+    check(ctr.get("volumeMounts", [{}])[0].get("name") == "data" and pod.get("volumes", [{}])[0].get("name") == "data",
+          "k8s postgres overlay removes the gallery volume it addresses by position")
+    check(ops.get("PersistentVolumeClaim", {}).get("$patch") == "delete", "k8s postgres overlay drops the PVC")
     return summary()
 
 
