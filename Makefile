@@ -8,7 +8,7 @@ VENV := .venv
 VENV_TRAIN := .venv-train
 export ORT_DYLIB_PATH ?= $(abspath $(ORT_LIB))
 
-.PHONY: run test bench train train-1.4 ort detector detector-golden venv venv-train lint fmt prometheus-tools teacher-torch postgres
+.PHONY: run test bench train train-1.4 ort detector detector-golden venv venv-train lint fmt prometheus-tools teacher-torch postgres fuzz soak
 
 ## ONNX Runtime shared library, taken out of the PyPI wheel (the ort crate's own download cannot reach its host).
 ort: $(ORT_LIB)
@@ -74,6 +74,10 @@ postgres:
 run: ort detector
 	cargo run --release --locked -- serve
 
+## Examples per operation and phase for schemathesis in `make test` (about a minute for the
+## open and the keyed run together); raise it, or see tests/ops/schemathesis_check.py, to run longer.
+SCHEMATHESIS_EXAMPLES ?= 20
+
 ## Everything CI runs: model graph checks, Dockerfile checks, all Rust tests
 ## (real model, real SQLite, a real PostgreSQL cluster the tests start themselves, real HTTP),
 ## and the real-Prometheus proof. `cargo test`
@@ -84,6 +88,7 @@ test: ort detector venv prometheus-tools postgres
 	$(VENV)/bin/python tests/ops/check_dockerfile.py
 	cargo test --locked
 	$(VENV)/bin/python tests/ops/prometheus_check.py --bin target/debug/mobiface
+	$(VENV)/bin/python tests/ops/schemathesis_check.py --bin target/debug/mobiface --max-examples $(SCHEMATHESIS_EXAMPLES)
 
 lint:
 	cargo fmt --check
@@ -149,6 +154,25 @@ train-1.4: venv-train venv
 		--budget-minutes $(FINETUNE_MINUTES) --batch 32 --lr 5e-4 --swa-start 0.2 --val-every-min 5
 	$(VENV_TRAIN)/bin/python models/export.py --checkpoint models/checkpoints/ft/swa.pt --version $(MODEL_VERSION) --output models/mobiface.onnx
 	$(VENV)/bin/python models/calibrate.py --model models/mobiface.onnx --write
+
+## Fuzzing (nightly toolchain, cargo-fuzz): each target in fuzz/ for FUZZ_SECONDS, starting
+## from its committed corpus (fuzz/corpus/<target>), which grows with what it finds. Crashes
+## land in fuzz/artifacts/; commit the input into the corpus once fixed: `cargo test` replays
+## every corpus file on stable (src/fuzzing.rs).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := decode_and_crop align json_body multipart_body
+fuzz:
+	@cargo +nightly fuzz --version >/dev/null 2>&1 || cargo install --locked cargo-fuzz
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		cargo +nightly fuzz run $$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 || exit 1; \
+	done
+
+## Soak (not a test; 10 minutes): 8 callers of mixed traffic with 1% hostile requests against
+## the release binary; reports 5xx (must be 0), RSS at start and end, WAL size, p99 per route.
+SOAK_SECONDS ?= 600
+soak: ort venv
+	cargo build --release --locked
+	$(VENV)/bin/python tests/ops/soak.py --bin target/release/mobiface --seconds $(SOAK_SECONDS)
 
 ## Benchmarks (not tests; numbers vary by machine): engine throughput and latency
 ## across worker layouts and batch caps, face detection per photo size and /embed on whole
