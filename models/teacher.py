@@ -99,6 +99,25 @@ def split_identities(names: list[str], seed: int, val_ids: int) -> set[str]:
     return set(random.Random(seed).sample(multi, val_ids))
 
 
+def val_pairs(held, by_id: dict[str, list[int]], seed: int, per_id: int) -> list[tuple[int, int, int]]:
+    """Validation pairs (a, b, same) among the held-out identities: up to per_id same-person pairs
+    of each and as many different-person pairs, shuffled, seeded."""
+    rng = random.Random(seed + 1)
+    pos, neg = [], []
+    hs = sorted(held)
+    for k in hs:
+        v = by_id[k]
+        cand = [(a, b) for ai, a in enumerate(v) for b in v[ai + 1:]]
+        rng.shuffle(cand)
+        pos += [(a, b, 1) for a, b in cand[:per_id]]
+    while len(neg) < len(pos):
+        k1, k2 = rng.sample(hs, 2)
+        neg.append((rng.choice(by_id[k1]), rng.choice(by_id[k2]), 0))
+    pairs = pos + neg
+    rng.shuffle(pairs)
+    return pairs
+
+
 def mix_specs(names: list[str], n: int, seed: int = 0, val_ids: int = 80):
     """n mixup views of two training crops, x = lam * a + (1 - lam) * (b, mirrored if flip).
 

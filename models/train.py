@@ -1,6 +1,8 @@
-"""Train MobiFace by Flipped-MobiFace distillation from the dlib ResNet teacher.
+"""Train MobiFace by Flipped-MobiFace distillation: from the dlib ResNet teacher (1.x), or with
+--sets from EdgeFace-XS and SFace (2.0, in progress; the section at the end of this docstring).
 
-    make train            # this, then the fine-tune below, export and calibration
+    make train-1.4        # 1.4.0's recipe: this, then the fine-tune below, export and calibration
+    make train [TRAIN_ARGS=--resume]   # 2.0: one session of the resumable run
     .venv-train/bin/python models/train.py --budget-minutes 75 [--resume]
     python3 models/train.py --pack lfw-train.npz --budget-minutes 4   # a GPU without ../shared
     .venv-train/bin/python models/train.py --init models/checkpoints/best.pt \
@@ -53,6 +55,24 @@ cosine decay to zero at the end of the budget), so the same command fits a 2-cor
 Data order, initialisation and augmentation are seeded; the schedule's dependence on wall time
 is the one non-deterministic element (pass --total-steps for a fully step-based schedule).
 Checkpoints: models/checkpoints/{last,best}.pt (best = highest validation accuracy).
+
+MobiFace 2.0 (--sets lfw,celeba,glint[,utk], targets.py's cache; `make train`). Per sample, with
+e = f(I), em = f(mirror I) (I after augmentation; its own mirroring swaps the two targets) and
+f = (e + em) / 2, t0, t1 the teacher's unit features of the view and of its mirror (--teacher:
+EdgeFace-XS by default, SFace, or the two concatenated, each unit norm) and tf = unit(t0 + t1):
+  * view (--w-view): (|| P e + b - t0 ||^2 + || P em + b - t1 ||^2) / 2, so that a single view is
+    a good feature on its own (in 1.x only f was constrained, and single views verified near chance);
+  * kd (--w-kd): || P f + b - tf ||^2, the paper's l2 loss on the Flipped-MobiFace feature;
+    P, b a training-only 512 -> D projection (D = 640 for the concatenated teachers);
+  * rel (--w-rel): the relational term on f against tf and on e against t0;
+  * ce (--w-ce): CosFace over every training identity with >= 2 training crops (LFW train,
+    CelebA, Glint360K), on e, em and f.
+The schedule is in steps (--total-steps, default 10,000 of batch 32), since the run spans
+sessions; --budget-minutes bounds one session. The resume checkpoint (--ckpt, default
+models/checkpoints/mobiface2.pt) is weights-only fp16, committed between sessions; --resume
+continues it (AdamW restarts, so the LR ramps up over --resume-warmup steps), and refuses to start
+a new run over it without --resume. Validation: targets.py's held-out LFW train and CelebA
+identities, flip-averaged and single view; the mean of the four accuracies selects best.pt.
 """
 
 from __future__ import annotations
@@ -79,7 +99,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from mobiface import MobiFace, PReLU, count_params, recompute_batchnorm  # noqa: E402
 from teacher import (LFW_TRAIN, UTK, empty_mix, list_images, load_mix, load_teacher,  # noqa: E402
-                     split_identities)
+                     split_identities, val_pairs)
+import targets  # noqa: E402
 import teacher_torch  # noqa: E402
 
 CACHE = os.path.join(HERE, "cache")
@@ -215,20 +236,7 @@ class Data:
         self.device = device
 
     def _val_pairs(self, held, by_id, seed):
-        rng = random.Random(seed + 1)
-        pos, neg = [], []
-        hs = sorted(held)
-        for k in hs:
-            v = by_id[k]
-            cand = [(a, b) for ai, a in enumerate(v) for b in v[ai + 1:]]
-            rng.shuffle(cand)
-            pos += [(a, b, 1) for a, b in cand[:VAL_PAIRS_PER_ID]]
-        while len(neg) < len(pos):
-            k1, k2 = rng.sample(hs, 2)
-            neg.append((rng.choice(by_id[k1]), rng.choice(by_id[k2]), 0))
-        pairs = pos + neg
-        rng.shuffle(pairs)
-        return pairs
+        return val_pairs(held, by_id, seed, VAL_PAIRS_PER_ID)
 
     def epoch_items(self, rng: np.random.Generator) -> torch.Tensor:
         """Shuffled (source, index) rows: 0 = LFW crop, 1 = UTKFace crop, 2 = mixup view (a fresh
@@ -271,9 +279,126 @@ class Data:
         return x.permute(0, 3, 1, 2), t, have, label, ~is_utk
 
 
+class SetsData:
+    """MobiFace 2.0's data (--sets): targets.py's crops and EdgeFace-XS/SFace targets of each crop
+    and of its mirror, over several sets. Held-out TRAINING identities of LFW train and CelebA are
+    validation (targets.py); Glint360K people who are held-out LFW identities are left out of
+    training too. CosFace classes: every training identity with >= 2 training crops; LFW and
+    Glint360K name people the same way, so one person in both is one class.
+
+    A crop trains once its targets exist: `refresh()` (each epoch) picks up what targets.py has
+    finished since, so a run can start while the cache is still being built.
+
+    Offers the attributes warm_start and recalibrate_bn read from Data (`lfw` holds every set's
+    crops, `lfw_t` the flip-averaged targets), plus per-view targets [N,2,D] for the objective."""
+
+    def __init__(self, set_names: list[str], crop_dirs: dict[str, str], teacher: str, device):
+        self.cropsets = targets.load_sets(set_names, crop_dirs)
+        held = set().union(*(s.held for s in self.cropsets if s.name == "lfw"))
+        crops, keys, out, utk = [], [], [], []
+        self.val: dict[str, tuple[np.ndarray, list]] = {}
+        off = 0
+        for s in self.cropsets:
+            crops.append(np.asarray(s.crops()))
+            ids = s.ids or [None] * len(s)
+            keys += [None if i is None else (f"celeba/{i}" if s.name == "celeba" else i) for i in ids]
+            out.append(s.is_val | np.array([s.name == "glint" and i in held for i in ids]))
+            utk.append(np.full(len(s), s.name == "utk"))
+            if s.name in targets.VAL_SETS:
+                pairs = [(off + a, off + b, y) for a, b, y in s.val_pairs()]
+                self.val[s.name] = (np.array(sorted({i for a, b, _ in pairs for i in (a, b)})), pairs)
+            off += len(s)
+        self.lfw = np.concatenate(crops)
+        self.trainable = ~np.concatenate(out)
+        count: dict[str, int] = {}
+        for i in np.nonzero(self.trainable)[0]:
+            if keys[i] is not None:
+                count[keys[i]] = count.get(keys[i], 0) + 1
+        self.class_keys = sorted(k for k, n in count.items() if n >= 2)
+        cls = {k: c for c, k in enumerate(self.class_keys)}
+        self.n_classes = len(cls)
+        self.lfw_label = np.array([cls.get(k, -1) if k is not None else -1 for k in keys], np.int64)
+        self.lfw_label[~self.trainable] = -1
+        self.sets, self.teacher, self.device = set_names, teacher, device
+
+        def T(a):
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+        self.T = T
+        self.img, self.label, self.is_utk = T(self.lfw), T(self.lfw_label), T(np.concatenate(utk))
+        self.train_idx = np.zeros(0, np.int64)
+        self.refresh()
+        if not len(self.train_idx):
+            raise SystemExit(f"no training crop has {teacher} targets yet: run targets.py")
+        for name, (idx, _pairs) in self.val.items():
+            if not self.lfw_have[idx].all():
+                raise SystemExit(f"{name}: validation crops lack {teacher} targets: run targets.py")
+        self.t_mean = T(self.lfw_t[self.train_idx].mean(0))
+        log(f"{self.n_classes} CosFace classes; validation: "
+            + ", ".join(f"{k} {len(v[0])} crops {len(v[1])} pairs" for k, v in self.val.items()))
+
+    def refresh(self) -> None:
+        """Re-read the targets cache; crops whose targets are finished join training."""
+        tv, have = zip(*(s.target(self.teacher) for s in self.cropsets))
+        self.views = np.concatenate(tv).astype(np.float32)
+        self.t_dim = self.views.shape[2]
+        self.lfw_have = np.concatenate(have)
+        before, self.train_idx = len(self.train_idx), np.nonzero(self.trainable & self.lfw_have)[0]
+        if len(self.train_idx) == before:
+            return
+        tf = self.views[:, 0] + self.views[:, 1]
+        self.lfw_t = tf / np.maximum(np.linalg.norm(tf, axis=1, keepdims=True), 1e-12)
+        self.tgt, self.have = self.T(self.views), self.T(self.lfw_have)
+        off, parts = 0, []
+        for s in self.cropsets:
+            n = int((self.trainable & self.lfw_have)[off:off + len(s)].sum())
+            parts.append(f"{s.name} {n}/{int(self.trainable[off:off + len(s)].sum())}")
+            off += len(s)
+        log(f"training crops with {self.teacher} targets: {len(self.train_idx)} ({', '.join(parts)})")
+
+    def epoch_items(self, rng: np.random.Generator) -> torch.Tensor:
+        self.refresh()
+        return torch.from_numpy(rng.permutation(self.train_idx)).to(self.device)
+
+    def batch(self, rows: torch.Tensor):
+        """Images float [B,3,112,112] in 0..255, per-view targets [B,2,D], has-target, CosFace
+        label (-1: none) and which rows may get random black borders (all but UTKFace's)."""
+        return (self.img[rows].float().permute(0, 3, 1, 2), self.tgt[rows], self.have[rows],
+                self.label[rows], ~self.is_utk[rows])
+
+
+@torch.no_grad()
+def validate_sets(model, data: SetsData, device) -> dict[str, float]:
+    """2-fold accuracy on each validation set's pairs, flip-averaged and single view (percent),
+    and `score`, their mean: the selection figure of a 2.0 run (model card)."""
+    was = model.training
+    model.eval()
+    out = {}
+    for name, (idx, pairs) in data.val.items():
+        x = normalised(data.lfw[idx], device)
+        a, b = map(torch.cat, zip(*(view_features(model, x[i:i + 64], False, device) for i in range(0, len(x), 64))))
+        row = {int(j): k for k, j in enumerate(idx)}
+        local = [(row[p], row[q], y) for p, q, y in pairs]
+        for view, e in (("flip", (a + b) / 2), ("single", a)):
+            out[f"{name}_{view}"] = 100 * targets.pair_metrics(F.normalize(e, dim=1).cpu().numpy(), local)[0]
+    model.train(was)
+    out["score"] = float(np.mean(list(out.values())))
+    return out
+
+
+def teacher_val_sets(data: SetsData) -> dict[str, float]:
+    out = {}
+    for name, (_idx, pairs) in data.val.items():
+        for view in ("flip", "single"):
+            unit = targets.view_features(data.views, view)
+            out[f"{name}_{view}"] = 100 * targets.pair_metrics(unit, pairs)[0]
+    return out
+
 # ---------------------------------------------------------------------------- augmentation
-def augment(x: torch.Tensor, is_lfw: torch.Tensor, g: torch.Generator, host_g: torch.Generator) -> torch.Tensor:
-    """x: float [B,3,112,112] in 0..255. Returns normalised (x - 127.5) / 128."""
+def augment(x: torch.Tensor, is_lfw: torch.Tensor, g: torch.Generator, host_g: torch.Generator,
+            with_flip: bool = False):
+    """x: float [B,3,112,112] in 0..255. Returns normalised (x - 127.5) / 128 (and, with_flip,
+    which rows it mirrored: their per-view targets swap)."""
     B, dev = x.shape[0], x.device
 
     def R(*shape):
@@ -320,7 +445,8 @@ def augment(x: torch.Tensor, is_lfw: torch.Tensor, g: torch.Generator, host_g: t
     # mirror half of them (the pair below adds the other orientation anyway)
     flip = R(B) < 0.5
     x = torch.where(flip.view(B, 1, 1, 1), x.flip(3), x)
-    return (x.clamp(0, 255) - 127.5) / 128.0
+    x = (x.clamp(0, 255) - 127.5) / 128.0
+    return (x, flip) if with_flip else x
 
 
 def mix_rows(x: torch.Tensor, label: torch.Tensor, p: float, g: torch.Generator):
@@ -398,11 +524,14 @@ def recalibrate_bn(model, data: "Data", device, n: int = 4096, bs: int = 128) ->
 
 
 @torch.no_grad()
-def warm_start(model, proj: nn.Linear, cosface: "CosFace", data: "Data", device) -> None:
+def warm_start(model, proj: nn.Linear, cosface: "CosFace", data: "Data", device, limit: int = 0) -> None:
     """Training-only heads for a checkpoint that carries only MobiFace's weights (--init): the
     projection by ridge regression of the teacher targets on the features, and each CosFace class
-    weight at its class's mean unit feature, so the first steps do not push the body around."""
+    weight at its class's mean unit feature, so the first steps do not push the body around.
+    With limit, a seeded sample of that many training crops (classes it misses start at zero)."""
     tr = np.array(data.train_idx)
+    if limit and len(tr) > limit:
+        tr = np.sort(np.random.default_rng(0).permutation(tr)[:limit])
     f = features(model, data.lfw[tr], device).double().cpu()
     have = data.lfw_have[tr]
     x = torch.cat([f[have], torch.ones(int(have.sum()), 1, dtype=torch.float64)], 1)
@@ -488,6 +617,59 @@ def save(path, **state):
     os.replace(tmp, path)
 
 
+CKPT_FORMAT = "mobiface-2.0-resume/1"
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores visible)"
+
+
+def _half(sd: dict) -> dict:
+    """fp16 copy of a state dict; a tensor outside fp16's range stays fp32 (an overflow once cost
+    a run: model card, FT/FT0)."""
+    out = {}
+    for k, v in sd.items():
+        v = v.detach().cpu()
+        if v.is_floating_point() and (v.numel() == 0 or float(v.abs().max()) < 6e4):
+            v = v.half()
+        out[k] = v.clone()
+    return out
+
+
+def save_compact(path: str, model, proj, cosface, data: SetsData, **meta) -> None:
+    """A 2.0 run's resume checkpoint, small enough to commit: MobiFace's weights and BatchNorm
+    statistics, the training-only projection and CosFace weights (keyed by identity, so a resume
+    over other sets keeps the classes it shares), all fp16, and where the run stands. Not the
+    AdamW moments (they would triple the size): a resume ramps the LR up again instead."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save(path, format=CKPT_FORMAT, model=_half(model.state_dict()), proj=_half(proj.state_dict()),
+         cosface=_half(cosface.state_dict()), classes=data.class_keys, sets=data.sets, teacher=data.teacher,
+         **meta)
+
+
+def load_compact(path: str, model, proj, cosface, data: SetsData) -> dict:
+    st = torch.load(path, map_location="cpu", weights_only=False)
+    if st.get("format") != CKPT_FORMAT:
+        raise SystemExit(f"{path}: not a 2.0 resume checkpoint")
+    if st["teacher"] != data.teacher:
+        raise SystemExit(f"{path} was trained on {st['teacher']} targets, not {data.teacher}")
+
+    def f32(sd):
+        return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+    model.load_state_dict(f32(st["model"]))
+    proj.load_state_dict(f32(st["proj"]))
+    old = {k: i for i, k in enumerate(st["classes"])}
+    w = st["cosface"]["weight"].float()
+    with torch.no_grad():
+        for c, k in enumerate(data.class_keys):
+            if k in old:
+                cosface.weight[c] = w[old[k]].to(cosface.weight.device)
+    return st
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget-minutes", type=float, default=120.0, help="wall-clock budget")
@@ -518,7 +700,8 @@ def main(argv=None) -> int:
                          "(mixup ratio uniform in [0, 1], no CosFace label)")
     ap.add_argument("--pack", default=None, help="read models/pack.py's file instead of ../shared")
     ap.add_argument("--val-ids", type=int, default=80, help="held-out TRAINING identities")
-    ap.add_argument("--val-every-min", type=float, default=10.0)
+    ap.add_argument("--val-every-min", type=float, default=10.0, help="0: no validation (smoke tests)")
+    ap.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
     ap.add_argument("--utk", action="store_true",
                     help="add UTKFace crops that have cached teacher embeddings (distillation only)")
     ap.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
@@ -539,7 +722,32 @@ def main(argv=None) -> int:
                          "the weights every --swa-every steps (SWA); off when negative")
     ap.add_argument("--swa-every", type=int, default=50)
     ap.add_argument("--out", default=CKPT)
+    v2 = ap.add_argument_group("MobiFace 2.0 (--sets): targets.py's EdgeFace-XS/SFace targets per view")
+    v2.add_argument("--sets", default="", help="e.g. lfw,celeba,glint,utk: train on these sets' cached targets")
+    v2.add_argument("--teacher", default="edgeface", choices=["edgeface", "concat", "sface"],
+                    help="target: EdgeFace-XS, SFace, or both concatenated (each unit norm; model card)")
+    v2.add_argument("--crops", action="append", help="SET=DIR crop folder, as for targets.py")
+    v2.add_argument("--w-view", type=float, default=8.0,
+                    help="weight of the per-view l2 term (each view's feature to the teacher's feature of that view)")
+    v2.add_argument("--ckpt", default=os.path.join(CKPT, "mobiface2.pt"),
+                    help="the weights-only fp16 checkpoint --resume continues from (committed between sessions)")
+    v2.add_argument("--save-every-min", type=float, default=5.0)
+    v2.add_argument("--resume-warmup", type=int, default=100,
+                    help="steps of linear LR ramp after --resume (AdamW's moments are not in the checkpoint)")
+    v2.add_argument("--warm-start-crops", type=int, default=4096,
+                    help="--init: fit the projection and CosFace weights on this many training crops")
     args = ap.parse_args(argv)
+    if args.sets:
+        bad = [f for f, on in (("--online-teacher", args.online_teacher), ("--fm-mix", args.fm_mix),
+                               ("--utk", args.utk), ("--mix-ratio", args.mix_ratio), ("--id-pairs", args.id_pairs),
+                               ("--pack", args.pack), ("--swa-start", args.swa_start >= 0),
+                               ("--w-flip", args.w_flip)) if on]
+        if bad:
+            raise SystemExit(f"--sets trains on targets.py's cache; not with {', '.join(bad)}")
+        # a run spread over sessions cannot know its wall-clock length: the schedule is in steps
+        args.total_steps = args.total_steps or 10_000
+        if not args.resume and os.path.exists(args.ckpt):
+            raise SystemExit(f"{args.ckpt} exists: --resume continues it; another --ckpt starts a new run")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -559,20 +767,25 @@ def main(argv=None) -> int:
     log(f"device {device}, bf16 autocast {amp}, compile {args.compile}, threads {args.threads}, "
         f"batch {args.batch}, budget {args.budget_minutes} min")
 
-    data = Data(args.split_seed, args.val_ids, args.utk, args.mix_ratio, args.id_fraction, args.pack, device,
-                args.id_pairs)
+    if args.sets:
+        data = SetsData(args.sets.split(","), targets.parse_crops(args.crops), args.teacher, device)
+    else:
+        data = Data(args.split_seed, args.val_ids, args.utk, args.mix_ratio, args.id_fraction, args.pack, device,
+                    args.id_pairs)
     # channels_last: depthwise and 1x1 convs run faster in NHWC on both CPU (oneDNN) and GPU
     model = MobiFace("gdc").to(device, memory_format=torch.channels_last)
     # with a bias, P absorbs the mean of the (uncentred) dlib embeddings, so f need not carry a
     # constant direction, which would collapse the cosines that verification uses
-    proj = nn.Linear(512, 128, bias=True).to(device)
+    # 2.0: 640-d for the concatenated teachers; training-only, the network stays 512-d
+    proj = nn.Linear(512, getattr(data, "t_dim", 128), bias=True).to(device)
     cosface = CosFace(512, data.n_classes).to(device)
     init_info = None  # how the starting checkpoint was made, for export.py's training_time
-    if args.init and not (args.resume and os.path.exists(os.path.join(args.out, "last.pt"))):
+    resume_path = args.ckpt if args.sets else os.path.join(args.out, "last.pt")
+    if args.init and not (args.resume and os.path.exists(resume_path)):
         start, ist = load_student(args.init)
         model.load_state_dict(start.state_dict())
         init_info = {k: ist.get(k) for k in ("elapsed", "step", "args", "init", "from_onnx")}
-        warm_start(model, proj, cosface, data, device)
+        warm_start(model, proj, cosface, data, device, args.warm_start_crops if args.sets else 0)
         log(f"initialised from {args.init}; projection and CosFace weights fitted to its features")
     # the compiled module shares the parameters; checkpoints and validation use `model` itself
     train_fwd = torch.compile(model) if args.compile == "on" else model
@@ -587,7 +800,19 @@ def main(argv=None) -> int:
     step, epoch, pos, elapsed_before, best = 0, 0, 0, 0.0, -1.0
     history = []
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
-    if args.resume and os.path.exists(last_path):
+    images_before, sessions, resumed_at = 0, [], 0
+    if args.sets and args.resume:
+        if not os.path.exists(args.ckpt):
+            raise SystemExit(f"--resume: no checkpoint at {args.ckpt}")
+        st = load_compact(args.ckpt, model, proj, cosface, data)
+        step, epoch, pos, init_info = st["step"], st["epoch"], st["pos"], st.get("init")
+        elapsed_before, best, history = st["elapsed"], st["best"], st["history"]
+        images_before, sessions, resumed_at = st["images_seen"], st["sessions"], st["step"]
+        if st["n_items"] != len(data.train_idx):  # other sets or crops: their order starts afresh
+            epoch, pos = epoch + 1, 0
+        log(f"resumed from {args.ckpt}: step {step}, epoch {epoch}, {images_before:,} images seen, "
+            f"{elapsed_before / 60:.1f} min in {len(sessions)} sessions")
+    elif args.resume and os.path.exists(last_path):
         st = torch.load(last_path, map_location=device, weights_only=False)
         model.load_state_dict(st["model"]); proj.load_state_dict(st["proj"])
         cosface.load_state_dict(st["cosface"]); opt.load_state_dict(st["opt"])
@@ -598,7 +823,9 @@ def main(argv=None) -> int:
         torch.set_rng_state(st["torch_rng"])
         log(f"resumed from {last_path}: step {step}, epoch {epoch}, {elapsed_before / 60:.1f} min done, best {best:.4f}")
     budget = args.budget_minutes * 60
-    tacc = teacher_val_accuracy(data)
+    if args.sets:
+        log("teacher on the validation pairs: " + ", ".join(f"{k} {v:.2f}%" for k, v in teacher_val_sets(data).items()))
+    tacc = None if args.sets else teacher_val_accuracy(data)
     if tacc is not None:
         log(f"teacher (dlib) 2-fold accuracy on the validation pairs: {tacc * 100:.2f}%")
     teacher = None
@@ -620,6 +847,8 @@ def main(argv=None) -> int:
     seen = 0
     # each loss term and its weight; the progress lines log the running mean of each term
     weights = {"kd": args.w_kd, "rel": args.w_rel, "ce": args.w_ce, "flip": args.w_flip}
+    if args.sets:
+        weights = {"view": args.w_view, "kd": args.w_kd, "rel": args.w_rel, "ce": args.w_ce}
     zero = torch.zeros((), device=device)
     run, run_steps = dict.fromkeys(weights, zero), 0
     stop = False
@@ -635,13 +864,38 @@ def main(argv=None) -> int:
                     args=dict(vars(args), device=device.type), init=init_info,
                     swa_snapshots=int(swa.n_averaged) if swa is not None else 0)
 
+    session = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device_name(device),
+               "threads": args.threads, "from_step": step}
+
     def save_last():
+        if args.sets:  # weights-only, fp16: what is committed between sessions
+            images = images_before + 2 * seen
+            save_compact(args.ckpt, model, proj, cosface, data, step=step, epoch=epoch, pos=pos,
+                         elapsed=elapsed_before + time.time() - t0, best=best, history=history,
+                         images_seen=images, n_items=len(data.train_idx), init=init_info,
+                         args=dict(vars(args), device=device.type),
+                         sessions=sessions + [dict(session, to_step=step, images=2 * seen,
+                                                   minutes=round((time.time() - t0) / 60, 1))])
+            log(f"saved {args.ckpt}: step {step}, {images:,} images seen")
+            return
         # everything --resume needs
         save(last_path, proj=proj.state_dict(), cosface=cosface.state_dict(), opt=opt.state_dict(),
              pos=pos, torch_rng=torch.get_rng_state(), swa=swa and swa.state_dict(), **state())
 
     def do_val(net=model, what=""):
         nonlocal best, last_val
+        if args.sets:
+            v = validate_sets(net, data, device)
+            el = (elapsed_before + time.time() - t0) / 60
+            history.append({"step": step, "minutes": round(el, 2), **{k: round(x, 2) for k, x in v.items()}})
+            log(f"VAL{what} step {step} epoch {epoch} {el:.1f} min, {images_before + 2 * seen:,} images: "
+                + ", ".join(f"{k} {x:.2f}%" for k, x in v.items()))
+            if v["score"] > best:
+                best = v["score"]
+                save(best_path, val=v, **dict(state(), model=net.state_dict(), what=what))
+                log(f"new best score {best:.2f} -> {best_path}")
+            last_val = time.time()
+            return
         acc, gap = validate(net, data, device)
         el = (elapsed_before + time.time() - t0) / 60
         history.append({"step": step, "minutes": round(el, 2), "val_acc": acc, "gap": gap, "what": what})
@@ -671,7 +925,29 @@ def main(argv=None) -> int:
         rel = (((fn @ fn.T - tc @ tc.T) ** 2) * w).sum() / w.sum().clamp(min=1)
         return {"kd": kd, "rel": rel, "ce": cosface(f, label), "flip": cons}
 
-    if args.init and step == 0:
+    def losses_sets(fwd, x, t, have, label):
+        """2.0: t [B,2,D] is the teacher's feature of each view (0: x as fed, 1: its mirror)."""
+        e, em = view_features(fwd, x, amp, device)
+        f = (e + em) / 2
+        hv = have.float()
+        n = hv.sum().clamp(min=1)
+        w = hv.unsqueeze(1) * hv.unsqueeze(0) * (1 - torch.eye(len(f), device=device))
+
+        def l2(feat, target):  # the paper's l2 loss through the training-only projection
+            return (((proj(feat) - target) ** 2).sum(1) * hv).sum() / n
+
+        def rel(feat, target):  # cosine geometry of the feature itself, as verification uses it
+            fn, tc = F.normalize(feat), F.normalize(target - data.t_mean)
+            return (((fn @ fn.T - tc @ tc.T) ** 2) * w).sum() / w.sum().clamp(min=1)
+
+        t_flip = F.normalize(t[:, 0] + t[:, 1])
+        return {"view": (l2(e, t[:, 0]) + l2(em, t[:, 1])) / 2, "kd": l2(f, t_flip),
+                "rel": (rel(f, t_flip) + rel(e, t[:, 0])) / 2,
+                "ce": (cosface(e, label) + cosface(em, label) + cosface(f, label)) / 3}
+
+    loss_fn = losses_sets if args.sets else losses
+
+    if args.init and step == 0 and args.val_every_min > 0:
         do_val(what=" (init)")  # a fine-tune is kept only where it beats its starting point
     while not stop:
         rng = np.random.default_rng(args.seed * 7919 + epoch)
@@ -680,27 +956,35 @@ def main(argv=None) -> int:
             log(f"epoch {epoch}: {len(items)} samples")
         while pos + args.batch <= len(items):
             p = progress()
-            if p >= 1.0:
+            # 2.0: --budget-minutes bounds this session; the step schedule spans the whole run
+            if p >= 1.0 or (args.sets and time.time() - t0 >= budget):
                 stop = True
                 break
             lr = lr_at(p, args.lr, constant=swa is not None)
+            if resumed_at:  # fresh AdamW moments: ramp up again rather than jump to the scheduled LR
+                lr *= min(1.0, (step - resumed_at + 1) / args.resume_warmup)
             for grp in opt.param_groups:
                 grp["lr"] = lr
             x, t, have, label, is_lfw = data.batch(items[pos:pos + args.batch])
             pos += args.batch
             if args.fm_mix:
                 x, label = mix_rows(x, label, args.fm_mix, g)
-            x = augment(x, is_lfw, g, host_g).contiguous(memory_format=torch.channels_last)
+            if args.sets:
+                x, flipped = augment(x, is_lfw, g, host_g, with_flip=True)
+                t = torch.where(flipped.view(-1, 1, 1), t.flip(1), t)
+            else:
+                x = augment(x, is_lfw, g, host_g)
+            x = x.contiguous(memory_format=torch.channels_last)
             if teacher is not None:
                 t, have = online_targets(teacher, x, amp, device), torch.ones_like(have)
             try:
-                terms = losses(train_fwd, x, t, have, label)
+                terms = loss_fn(train_fwd, x, t, have, label)
             except Exception as e:  # noqa: BLE001 -- a compiler failure must not cost the run
                 if train_fwd is model:
                     raise
                 log(f"torch.compile failed ({type(e).__name__}: {e}); continuing eager")
                 train_fwd = model
-                terms = losses(train_fwd, x, t, have, label)
+                terms = loss_fn(train_fwd, x, t, have, label)
             loss = sum(weights[k] * v for k, v in terms.items())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -711,23 +995,23 @@ def main(argv=None) -> int:
             if swa is not None and p >= args.swa_start and step % args.swa_every == 0:
                 swa.update_parameters(model)
             run, run_steps = {k: run[k] + v.detach() for k, v in terms.items()}, run_steps + 1
-            if step % 20 == 0:
+            if step % args.log_every == 0:
                 el = time.time() - t0
                 m = {k: v.item() / run_steps for k, v in run.items()}
-                log(f"step {step} ep {epoch} lr {lr:.4f} kd {m['kd']:.4f} rel {m['rel']:.4f} "
-                    f"cosface {m['ce']:.3f} flip {m['flip']:.3f} | "
+                log(f"step {step} ep {epoch} lr {lr:.5f} " + " ".join(f"{k} {v:.4f}" for k, v in m.items()) + " | "
                     f"{seen / el:.1f} samples/s ({2 * seen / el:.1f} img/s) | {100 * p:.1f}% of budget")
                 run, run_steps = dict.fromkeys(weights, zero), 0
-            if time.time() - last_val > args.val_every_min * 60:
+            if args.val_every_min > 0 and time.time() - last_val > args.val_every_min * 60:
                 do_val()
-            if time.time() - last_save > 300:
+            if time.time() - last_save > (args.save_every_min * 60 if args.sets else 300):
                 save_last()
                 last_save = time.time()
         if not stop:
             epoch += 1
             pos = 0
             g, host_g = generators(epoch)
-    do_val()
+    if args.val_every_min > 0:
+        do_val()
     save_last()
     if swa is not None and swa.n_averaged > 0:
         recalibrate_bn(swa.module, data, device)

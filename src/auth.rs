@@ -8,6 +8,7 @@
 //! 403. Keys are compared in constant time and never logged.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,9 +18,11 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use prometheus::IntCounter;
 use subtle::ConstantTimeEq;
 
 use crate::error::{ApiError, ErrorKind};
+use crate::metrics::Metrics;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Scope {
@@ -183,16 +186,75 @@ impl RateLimiter {
     }
 }
 
+/// Failed authentications per client address: a token bucket of `per_minute` failures
+/// (bursts of as many). An address with no token left is refused 429 on every route that
+/// needs a key, its right keys included, so a guesser learns nothing until it has waited.
+pub struct FailureThrottle {
+    per_s: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+/// Addresses tracked at most; beyond it, those that have fully recovered are forgotten.
+const MAX_TRACKED_ADDRESSES: usize = 65_536;
+
+impl FailureThrottle {
+    pub fn new(per_minute: f64) -> Option<FailureThrottle> {
+        (per_minute > 0.0 && per_minute.is_finite()).then(|| FailureThrottle {
+            per_s: per_minute / 60.0,
+            burst: per_minute.max(1.0),
+            buckets: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn refill(&self, bucket: &mut (f64, Instant), now: Instant) {
+        let elapsed = now.saturating_duration_since(bucket.1).as_secs_f64();
+        bucket.0 = (bucket.0 + elapsed * self.per_s).min(self.burst);
+        bucket.1 = now;
+    }
+
+    /// How long `ip` must wait, if it has used up its failures.
+    pub fn blocked(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let bucket = buckets.get_mut(&ip)?;
+        self.refill(bucket, now);
+        (bucket.0 < 1.0).then(|| Duration::from_secs_f64((1.0 - bucket.0) / self.per_s))
+    }
+
+    pub fn record_failure(&self, ip: IpAddr, now: Instant) {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= MAX_TRACKED_ADDRESSES && !buckets.contains_key(&ip) {
+            let (per_s, burst) = (self.per_s, self.burst);
+            buckets.retain(|_, (tokens, last)| {
+                *tokens + now.saturating_duration_since(*last).as_secs_f64() * per_s < burst
+            });
+            if buckets.len() >= MAX_TRACKED_ADDRESSES {
+                // Every tracked address is mid-penalty: forgetting one at random is all
+                // a bounded table can do.
+                if let Some(k) = buckets.keys().next().copied() {
+                    buckets.remove(&k);
+                }
+            }
+        }
+        let bucket = buckets.entry(ip).or_insert((self.burst, now));
+        self.refill(bucket, now);
+        bucket.0 = (bucket.0 - 1.0).max(0.0);
+    }
+}
+
 /// What the auth middleware needs; built once at start.
 pub struct Auth {
     pub keys: Option<ApiKeys>,
     pub metrics_require_key: bool,
     pub limiter: Option<RateLimiter>,
+    pub failures: Option<FailureThrottle>,
+    failures_total: Option<IntCounter>,
+    throttled_total: Option<IntCounter>,
 }
 
 impl Auth {
     /// Without a keys file the service is open (the caller logs a warning).
-    pub fn from_config(cfg: &crate::config::Config) -> anyhow::Result<Auth> {
+    pub fn from_config(cfg: &crate::config::Config, metrics: &Metrics) -> anyhow::Result<Auth> {
         let keys = cfg
             .api_keys_file
             .as_deref()
@@ -202,7 +264,54 @@ impl Auth {
             keys,
             metrics_require_key: cfg.metrics_require_key,
             limiter: RateLimiter::new(cfg.rate_limit_per_key),
+            failures: FailureThrottle::new(cfg.auth_failures_per_minute),
+            failures_total: Some(metrics.auth_failures.clone()),
+            throttled_total: Some(metrics.auth_throttled.clone()),
         })
+    }
+
+    /// `check`, with failed authentications counted against the client's address and an
+    /// address over its allowance refused before its key is even looked at.
+    pub fn check_from(
+        &self,
+        client: Option<IpAddr>,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Result<(), Rejection> {
+        let throttle = match (&self.keys, &self.failures, client) {
+            (Some(_), Some(t), Some(ip))
+                if required_scope(method, path, self.metrics_require_key).is_some() =>
+            {
+                Some((t, ip))
+            }
+            _ => None,
+        };
+        let now = Instant::now();
+        if let Some((t, ip)) = throttle {
+            if let Some(wait) = t.blocked(ip, now) {
+                if let Some(c) = &self.throttled_total {
+                    c.inc();
+                }
+                return Err(Rejection {
+                    error: ApiError::new(
+                        ErrorKind::RateLimited,
+                        "too many failed authentications from this address; wait before retrying",
+                    ),
+                    retry_after_s: Some(wait.as_secs_f64().ceil().max(1.0) as u64),
+                });
+            }
+        }
+        let result = self.check(method, path, headers);
+        if matches!(&result, Err(r) if r.error.kind == ErrorKind::Unauthorized) {
+            if let Some(c) = &self.failures_total {
+                c.inc();
+            }
+            if let Some((t, ip)) = throttle {
+                t.record_failure(ip, now);
+            }
+        }
+        result
     }
 
     /// Decides one request: `Ok` to pass it on, or the rejection to send.
@@ -288,7 +397,11 @@ pub async fn middleware(State(auth): State<Arc<Auth>>, req: Request, next: Next)
         .get::<axum::extract::MatchedPath>()
         .map(|m| m.as_str().to_owned())
         .unwrap_or_else(|| req.uri().path().to_owned());
-    match auth.check(req.method(), &path, req.headers()) {
+    let client = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    match auth.check_from(client, req.method(), &path, req.headers()) {
         Ok(()) => next.run(req).await,
         Err(rejection) => rejection.into_response(),
     }
@@ -307,6 +420,9 @@ mod tests {
             keys: Some(ApiKeys::parse(&text).unwrap()),
             metrics_require_key: false,
             limiter: RateLimiter::new(rate),
+            failures: None,
+            failures_total: None,
+            throttled_total: None,
         }
     }
 
@@ -571,10 +687,59 @@ mod tests {
             keys: None,
             metrics_require_key: true,
             limiter: None,
+            failures: None,
+            failures_total: None,
+            throttled_total: None,
         };
         assert_eq!(
             status(a.check(&Method::DELETE, "/subjects/{id}", &HeaderMap::new())),
             200
         );
+    }
+
+    #[test]
+    fn failed_authentications_are_throttled_per_address() {
+        let mut a = auth(0.0);
+        a.failures = FailureThrottle::new(3.0);
+        let (guesser, other): (IpAddr, IpAddr) =
+            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let wrong = headers(&[("x-api-key", "nope-nope-nope-nope")]);
+        let right = headers(&[("x-api-key", READ)]);
+        let try_ = |ip, h: &HeaderMap| a.check_from(Some(ip), &Method::POST, "/embed", h);
+        for _ in 0..3 {
+            assert_eq!(status(try_(guesser, &wrong)), 401);
+        }
+        // Out of failures: refused before the key is looked at, the right key included.
+        let resp = try_(guesser, &right).unwrap_err().into_response();
+        assert_eq!(resp.status().as_u16(), 429);
+        let secs: u64 = resp.headers()[header::RETRY_AFTER]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=20).contains(&secs), "{secs}");
+        assert_eq!(status(try_(guesser, &wrong)), 429);
+        // Another address and the open probes are unaffected.
+        assert_eq!(status(try_(other, &right)), 200);
+        assert_eq!(
+            status(a.check_from(Some(guesser), &Method::GET, "/healthz", &wrong)),
+            200
+        );
+    }
+
+    #[test]
+    fn throttle_refills_and_stays_bounded() {
+        let t = FailureThrottle::new(60.0).unwrap(); // one failure back per second
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let t0 = Instant::now();
+        for _ in 0..60 {
+            t.record_failure(ip, t0);
+        }
+        assert!(t.blocked(ip, t0).is_some());
+        assert!(t.blocked(ip, t0 + Duration::from_millis(1100)).is_none());
+        for i in 0..(MAX_TRACKED_ADDRESSES as u32 + 10) {
+            t.record_failure(IpAddr::from(i.to_be_bytes()), t0);
+        }
+        assert!(t.buckets.lock().unwrap().len() <= MAX_TRACKED_ADDRESSES);
     }
 }

@@ -216,10 +216,42 @@ pub struct Config {
     /// Most decoded bytes one image may allocate (decompression-bomb guard).
     #[arg(long, env = "MOBIFACE_MAX_DECODED_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_decoded_bytes: u64,
+    /// Decoded pixel bytes all requests together may hold at once; an image waits for room
+    /// (see --decode-wait-ms) instead of decoding beyond it. Each image reserves twice its
+    /// decoded size (decoder buffer plus its RGB copy or crop).
+    #[arg(long, env = "MOBIFACE_DECODE_BUDGET_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub decode_budget_bytes: u64,
+    /// How long an image waits for decode budget before the request gets 503 with Retry-After.
+    #[arg(long, env = "MOBIFACE_DECODE_WAIT_MS", default_value_t = 2_000)]
+    pub decode_wait_ms: u64,
+    /// Time a client has to send a complete request head, in milliseconds. The clock also runs
+    /// while a keep-alive connection waits for its next request, so this is the idle timeout too.
+    #[arg(
+        long,
+        env = "MOBIFACE_HEADER_READ_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub header_read_timeout_ms: u64,
+    /// Most connections served at once; further ones wait in the listen backlog.
+    #[arg(long, env = "MOBIFACE_MAX_CONNECTIONS", default_value_t = 512)]
+    pub max_connections: usize,
+    /// Failed authentications allowed per client address per minute (bursts of as many);
+    /// beyond that the address gets 429 until it has waited. 0 = no limit.
+    #[arg(
+        long,
+        env = "MOBIFACE_AUTH_FAILURES_PER_MINUTE",
+        default_value_t = 30.0
+    )]
+    pub auth_failures_per_minute: f64,
     /// Per-request time limit in milliseconds (504 when exceeded).
     #[arg(long, env = "MOBIFACE_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
     pub request_timeout_ms: u64,
-    /// How long shutdown waits for in-flight requests, in seconds.
+    /// After SIGTERM, seconds during which /readyz answers 503 while requests are still
+    /// accepted, so load balancers stop sending traffic before the listener closes.
+    #[arg(long, env = "MOBIFACE_SHUTDOWN_DRAIN_S", default_value_t = 5)]
+    pub shutdown_drain_s: u64,
+    /// After the drain period, seconds in-flight requests get to finish; those still running
+    /// then are answered 503.
     #[arg(long, env = "MOBIFACE_SHUTDOWN_TIMEOUT_S", default_value_t = 20)]
     pub shutdown_timeout_s: u64,
     /// File of `<scope> <key>` lines (scope `read` or `admin`); without it the API is open.

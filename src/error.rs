@@ -35,9 +35,12 @@ pub enum ErrorKind {
     Unauthorized,
     Forbidden,
     NotFound,
+    MethodNotAllowed,
     RateLimited,
     /// Inference queue full: retry shortly.
     QueueFull,
+    /// Decode budget exhausted for longer than --decode-wait-ms: retry shortly.
+    DecodeBusy,
     /// Server is shutting down or the model is not ready.
     Unavailable,
     /// The gallery's database (PostgreSQL) cannot be reached: retry shortly.
@@ -66,8 +69,10 @@ impl ErrorKind {
             Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
             NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             RateLimited => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             QueueFull => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),
+            DecodeBusy => (StatusCode::SERVICE_UNAVAILABLE, "decode_busy"),
             Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             DatabaseUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
             Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
@@ -78,9 +83,10 @@ impl ErrorKind {
     /// Seconds a client should wait before retrying, for the kinds where retrying helps.
     fn retry_after(self) -> Option<u32> {
         match self {
-            ErrorKind::QueueFull | ErrorKind::RateLimited | ErrorKind::DatabaseUnavailable => {
-                Some(1)
-            }
+            ErrorKind::QueueFull
+            | ErrorKind::DecodeBusy
+            | ErrorKind::RateLimited
+            | ErrorKind::DatabaseUnavailable => Some(1),
             ErrorKind::Unavailable => Some(5),
             _ => None,
         }

@@ -6,6 +6,7 @@ pub mod detection;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod fuzzing;
 pub mod gallery;
 pub mod imaging;
 pub mod metrics;

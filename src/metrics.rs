@@ -34,6 +34,15 @@ pub struct Metrics {
     /// Photos in which the detector found no face.
     pub no_face: IntCounter,
     pub build_info: IntGaugeVec,
+    /// Open HTTP connections (capped by --max-connections).
+    pub connections_open: IntGauge,
+    /// Times the accept loop found every connection permit taken.
+    pub connection_limit_hits: IntCounter,
+    /// Decoded-image bytes reserved by requests now (capped by --decode-budget-bytes).
+    pub decode_reserved_bytes: IntGauge,
+    /// Failed authentications (missing or unknown key), and requests refused 429 for them.
+    pub auth_failures: IntCounter,
+    pub auth_throttled: IntCounter,
     /// PostgreSQL replication: change-log rows committed but not yet in this
     /// replica's index (head sequence minus applied sequence).
     pub replication_lag: IntGauge,
@@ -205,6 +214,26 @@ impl Metrics {
                 "Similarities returned by verify and identify.",
                 &similarity_buckets(),
             ),
+            connections_open: gauge(
+                "mobiface_http_connections_open",
+                "Open HTTP connections (at most --max-connections).",
+            ),
+            decode_reserved_bytes: gauge(
+                "mobiface_decode_reserved_bytes",
+                "Decoded-image bytes reserved by requests now (at most --decode-budget-bytes).",
+            ),
+            connection_limit_hits: counter(
+                "mobiface_connection_limit_hits_total",
+                "Times the server stopped accepting because --max-connections were open.",
+            ),
+            auth_failures: counter(
+                "mobiface_auth_failures_total",
+                "Requests with a missing or unknown API key.",
+            ),
+            auth_throttled: counter(
+                "mobiface_auth_throttled_total",
+                "Requests answered 429 because their client address failed authentication too often.",
+            ),
             replication_lag: gauge(
                 "mobiface_replication_lag_changes",
                 "Change-log rows committed in PostgreSQL but not yet applied to this replica's index.",
@@ -283,6 +312,7 @@ pub fn rejection_reason(kind: crate::error::ErrorKind) -> Option<&'static str> {
     use crate::error::ErrorKind::*;
     match kind {
         QueueFull => Some("queue_full"),
+        DecodeBusy => Some("decode_busy"),
         PayloadTooLarge | ImageTooLarge => Some("too_large"),
         TooManyImages => Some("too_many_images"),
         BadImage | BadLandmarks => Some("bad_image"),

@@ -5,6 +5,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::bounded::ImageList;
 use super::input::{FaceOptions, FaceReport, ImageInput, JsonOrMultipart, MultipartFields};
 use super::AppState;
 use crate::error::{ApiError, ErrorBody};
@@ -13,7 +14,8 @@ use crate::error::{ApiError, ErrorBody};
 #[serde(deny_unknown_fields)]
 pub struct EmbedRequest {
     /// Images in request order (multipart: repeated `image` file parts).
-    pub images: Vec<ImageInput>,
+    #[schema(value_type = Vec<ImageInput>, min_items = 1)]
+    pub images: ImageList,
     /// Average each face with its mirror image (Flipped-MobiFace). Default true.
     #[serde(default = "default_flip")]
     pub flip: bool,
@@ -78,8 +80,9 @@ pub async fn embed(
     State(state): State<AppState>,
     JsonOrMultipart(req): JsonOrMultipart<EmbedRequest>,
 ) -> Result<Json<EmbedResponse>, ApiError> {
+    let images = req.images.within(state.config.max_images_per_request)?;
     let opts = FaceOptions::new(req.detect, req.single_face);
-    let vectors = state.embed_inputs(req.images, opts, req.flip).await?;
+    let vectors = state.embed_inputs(images, opts, req.flip).await?;
     let info = state.engine.info();
     Ok(Json(EmbedResponse {
         model: EmbedModel {

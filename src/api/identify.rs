@@ -17,7 +17,10 @@ use crate::gallery::{self, Match};
 pub struct IdentifyRequest {
     pub image: ImageInput,
     /// Most subjects to return, 1 to 100 (default 5).
-    #[serde(default = "default_top_k")]
+    #[serde(
+        default = "default_top_k",
+        deserialize_with = "super::bounded::integral"
+    )]
     pub top_k: i64,
     /// Least similarity a match needs, in [-1, 1]; default: the service's threshold.
     pub threshold: Option<f32>,

@@ -8,10 +8,11 @@ use base64::Engine as _;
 use bytes::Bytes;
 use image::RgbImage;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde::Serialize;
 use utoipa::ToSchema;
 
+use super::admission::DecodeBudget;
+pub use super::bounded::LandmarkInput;
 use super::AppState;
 use crate::detection::{BoundingBox, Detector, Multiple};
 use crate::error::{ApiError, ErrorKind};
@@ -21,22 +22,22 @@ use crate::imaging::{self, DecodeLimits, Landmarks, FACE_SIZE};
 /// 5-point landmarks (left eye, right eye, nose, left and right mouth corners,
 /// in image pixels) used to align the face. Without landmarks the face is found by the
 /// detector (a 112x112 image is taken as an aligned crop unless the request asks `detect`).
-#[derive(Debug, Clone, Deserialize, ToSchema)]
-#[serde(untagged)]
+/// Deserialised by hand (see `bounded`), so a hostile `landmarks` array is never buffered
+/// or allocated beyond five points.
+#[derive(Debug, Clone)]
 pub enum ImageInput {
     Base64(String),
     WithLandmarks {
         data: String,
-        #[serde(default)]
-        landmarks: Option<Vec<Vec<f64>>>,
+        landmarks: Option<LandmarkInput>,
     },
 }
 
 impl ImageInput {
-    fn parts(&self) -> (&str, Option<&[Vec<f64>]>) {
+    fn parts(&self) -> (&str, Option<&LandmarkInput>) {
         match self {
             ImageInput::Base64(data) => (data, None),
-            ImageInput::WithLandmarks { data, landmarks } => (data, landmarks.as_deref()),
+            ImageInput::WithLandmarks { data, landmarks } => (data, landmarks.as_ref()),
         }
     }
 }
@@ -130,10 +131,13 @@ fn prepare(
     opts: FaceOptions,
     limits: &DecodeLimits,
     detector: &Detector,
+    budget: &DecodeBudget,
 ) -> Result<Prepared, ApiError> {
     let (data, landmarks) = input.parts();
-    let landmarks = landmarks.map(imaging::parse_landmarks).transpose()?;
+    let landmarks = landmarks.map(LandmarkInput::parse).transpose()?;
     let bytes = decode_base64(data)?;
+    // Held until the crop exists: the decoded image is the memory being bounded.
+    let _room = budget.reserve(imaging::decoded_size(&bytes, limits)?)?;
     let img = imaging::decode(&bytes, limits)?;
     prepare_image(&img, landmarks, opts, detector)
 }
@@ -211,13 +215,14 @@ impl AppState {
             ));
         }
         let limits = self.decode_limits();
+        let budget = self.decode_budget.clone();
         let detector = self.detector.clone();
         tokio::task::spawn_blocking(move || {
             inputs
                 .iter()
                 .enumerate()
                 .map(|(i, input)| {
-                    prepare(input, opts, &limits, &detector)
+                    prepare(input, opts, &limits, &detector, &budget)
                         .map_err(|e| ApiError::new(e.kind, format!("image {i}: {}", e.message)))
                 })
                 .collect::<Result<Vec<_>, _>>()
@@ -234,7 +239,8 @@ impl AppState {
         let limits = self.decode_limits();
         let input = input.clone();
         let detector = self.detector.clone();
-        tokio::task::spawn_blocking(move || prepare(&input, opts, &limits, &detector))
+        let budget = self.decode_budget.clone();
+        tokio::task::spawn_blocking(move || prepare(&input, opts, &limits, &detector, &budget))
             .await
             .map_err(ApiError::internal)?
     }
@@ -290,57 +296,74 @@ pub trait MultipartFields {
 /// values (falling back to strings).
 pub struct JsonOrMultipart<T>(pub T);
 
-impl<T> FromRequest<AppState> for JsonOrMultipart<T>
+// Generic over the state (it reads none), so the fuzz targets can run it without an app.
+impl<T, S> FromRequest<S> for JsonOrMultipart<T>
 where
     T: DeserializeOwned + MultipartFields + Send,
+    S: Send + Sync,
 {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let content_type = req
             .headers()
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_ascii_lowercase();
-        let value = if content_type.starts_with("application/json") {
-            let body = Bytes::from_request(req, state)
-                .await
-                .map_err(|e| body_error(e.status(), e.body_text()))?;
-            if body.is_empty() {
-                return Err(ApiError::new(
-                    ErrorKind::MalformedBody,
-                    "request body is empty; expected JSON",
-                ));
+        // The media type without parameters: `application/json; charset=utf-8` is JSON,
+        // `application/jsonfoo` is not.
+        let essence = content_type.split(';').next().unwrap_or("").trim();
+        let json = match essence {
+            "application/json" => {
+                let body = Bytes::from_request(req, state)
+                    .await
+                    .map_err(|e| body_error(e.status(), e.body_text()))?;
+                if body.is_empty() {
+                    return Err(ApiError::new(
+                        ErrorKind::MalformedBody,
+                        "request body is empty; expected JSON",
+                    ));
+                }
+                body
             }
-            serde_json::from_slice::<Value>(&body).map_err(|e| {
-                ApiError::new(
-                    ErrorKind::MalformedBody,
-                    format!("body is not valid JSON: {e}"),
-                )
-            })?
-        } else if content_type.starts_with("multipart/form-data") {
-            let multipart = Multipart::from_request(req, state)
-                .await
-                .map_err(|e| body_error(e.status(), e.body_text()))?;
-            multipart_to_json(multipart, T::ARRAY_FIELDS).await?
-        } else {
-            return Err(ApiError::new(
-                ErrorKind::UnsupportedMediaType,
-                format!(
-                    "content type {:?} is not supported; send application/json or multipart/form-data",
-                    if content_type.is_empty() { "(none)" } else { content_type.as_str() }
-                ),
-            ));
+            "multipart/form-data" => {
+                let multipart = Multipart::from_request(req, state)
+                    .await
+                    .map_err(|e| body_error(e.status(), e.body_text()))?;
+                Bytes::from(multipart_to_json(multipart, T::ARRAY_FIELDS).await?)
+            }
+            _ => {
+                return Err(ApiError::new(
+                    ErrorKind::UnsupportedMediaType,
+                    format!(
+                        "content type {:?} is not supported; send application/json or multipart/form-data",
+                        if content_type.is_empty() { "(none)" } else { content_type.as_str() }
+                    ),
+                ))
+            }
         };
-        serde_json::from_value(value)
+        // Straight into the typed request: no intermediate `Value` tree, and every array
+        // in the request types is capped (see `bounded`), so a body's memory stays a small
+        // multiple of its size whatever it holds.
+        serde_json::from_slice::<T>(&json)
             .map(JsonOrMultipart)
-            .map_err(|e| {
-                ApiError::new(
-                    ErrorKind::InvalidRequest,
-                    format!("invalid request body: {e}"),
-                )
-            })
+            .map_err(json_error)
+    }
+}
+
+/// Syntax errors are a malformed body (400); a well-formed body of the wrong shape is 422.
+fn json_error(e: serde_json::Error) -> ApiError {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => ApiError::new(
+            ErrorKind::MalformedBody,
+            format!("body is not valid JSON: {e}"),
+        ),
+        Category::Data => ApiError::new(
+            ErrorKind::InvalidRequest,
+            format!("invalid request body: {e}"),
+        ),
     }
 }
 
@@ -358,11 +381,15 @@ fn body_error(status: StatusCode, text: String) -> ApiError {
     }
 }
 
+/// Builds the JSON text of a multipart body: file parts become base64 strings, text parts
+/// that are valid JSON are spliced in as they are (checked without building them), other
+/// text parts become strings. The typed, bounded parse then reads it like a JSON body.
 async fn multipart_to_json(
     mut multipart: Multipart,
     arrays: &[(&str, &str)],
-) -> Result<Value, ApiError> {
-    let mut map = Map::new();
+) -> Result<String, ApiError> {
+    // Field name -> JSON fragments, in arrival order.
+    let mut fields: Vec<(String, Vec<String>, bool)> = Vec::new();
     loop {
         let field = match multipart.next_field().await {
             Ok(Some(field)) => field,
@@ -378,34 +405,63 @@ async fn multipart_to_json(
             .bytes()
             .await
             .map_err(|e| body_error(e.status(), e.body_text()))?;
-        let value = if is_file {
-            Value::String(base64::engine::general_purpose::STANDARD.encode(&data))
+        let fragment = if is_file {
+            format!(
+                "\"{}\"",
+                base64::engine::general_purpose::STANDARD.encode(&data)
+            )
         } else {
             let text = String::from_utf8_lossy(&data);
-            serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text.into_owned()))
-        };
-        if let Some((_, target)) = arrays.iter().find(|(from, _)| *from == name) {
-            // A text field may already sit under the target name; that is a client error.
-            match map
-                .entry(target.to_string())
-                .or_insert_with(|| Value::Array(Vec::new()))
-            {
-                Value::Array(items) => items.push(value),
-                _ => {
-                    return Err(ApiError::new(
-                        ErrorKind::InvalidRequest,
-                        format!("multipart field {target:?} conflicts with {name:?} parts"),
-                    ))
-                }
+            if serde_json::from_str::<serde::de::IgnoredAny>(&text).is_ok() {
+                text.into_owned()
+            } else {
+                json_string(&text)
             }
-        } else if map.insert(name.clone(), value).is_some() {
-            return Err(ApiError::new(
-                ErrorKind::InvalidRequest,
-                format!("multipart field {name:?} given twice"),
-            ));
+        };
+        let (target, is_array) = match arrays.iter().find(|(from, _)| *from == name) {
+            Some((_, target)) => (target.to_string(), true),
+            None => (name.clone(), false),
+        };
+        match fields.iter_mut().find(|(n, _, _)| *n == target) {
+            None => fields.push((target, vec![fragment], is_array)),
+            Some((_, parts, true)) if is_array => parts.push(fragment),
+            // A text field may already sit under the target name; that is a client error.
+            Some(_) if is_array => {
+                return Err(ApiError::new(
+                    ErrorKind::InvalidRequest,
+                    format!("multipart field {target:?} conflicts with {name:?} parts"),
+                ))
+            }
+            Some(_) => {
+                return Err(ApiError::new(
+                    ErrorKind::InvalidRequest,
+                    format!("multipart field {name:?} given twice"),
+                ))
+            }
         }
     }
-    Ok(Value::Object(map))
+    let mut out = String::from("{");
+    for (i, (name, parts, is_array)) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&json_string(name));
+        out.push(':');
+        if *is_array {
+            out.push('[');
+            out.push_str(&parts.join(","));
+            out.push(']');
+        } else {
+            out.push_str(&parts[0]);
+        }
+    }
+    out.push('}');
+    Ok(out)
+}
+
+fn json_string(text: &str) -> String {
+    // Serialising a &str cannot fail.
+    serde_json::to_string(text).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
 //! HTTP layer: shared state, the router, and one thin handler module per resource.
 
+pub mod admission;
+pub mod bounded;
 pub mod detect;
 pub mod embed;
 pub mod health;
@@ -37,6 +39,10 @@ pub struct AppState {
     pub threshold: f32,
     /// Cleared when shutdown starts, so readiness fails and load balancers drain us.
     pub accepting: Arc<AtomicBool>,
+    /// Set when the shutdown timeout runs out: requests still running are answered 503.
+    pub shutdown_deadline: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Decoded bytes in flight across all requests (see `admission`).
+    pub decode_budget: Arc<admission::DecodeBudget>,
 }
 
 /// The application router. Cross-cutting layers (auth, metrics, request ids,
@@ -66,10 +72,18 @@ pub fn router(state: AppState) -> Router {
         .route("/identify", post(identify::identify))
         // -- end gallery routes --
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
 
 async fn not_found() -> ApiError {
     ApiError::new(ErrorKind::NotFound, "no such route")
+}
+
+async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::new(
+        ErrorKind::MethodNotAllowed,
+        format!("method {method} is not allowed on this route"),
+    )
 }

@@ -22,7 +22,7 @@ pub struct CreateSubject {
     /// Free-form JSON object, at most 16 KiB serialised.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
-    pub metadata: Option<serde_json::Value>,
+    pub metadata: Option<Box<serde_json::value::RawValue>>,
 }
 
 impl MultipartFields for CreateSubject {}
@@ -74,6 +74,21 @@ fn path_error(e: PathRejection) -> ApiError {
     ApiError::not_found(format!("bad path: {e}"))
 }
 
+/// Largest `metadata` text parsed; the gallery's own limit (16 KiB serialised) is checked
+/// after. Whitespace makes the text longer than its serialised form, hence the margin; the
+/// point is that a 16 MiB value is refused before it becomes a `Value` tree.
+const MAX_METADATA_TEXT: usize = 64 * 1024;
+
+fn parse_metadata(raw: &serde_json::value::RawValue) -> Result<serde_json::Value, ApiError> {
+    if raw.get().len() > MAX_METADATA_TEXT {
+        return Err(ApiError::invalid(format!(
+            "metadata is {} bytes of JSON; the limit is 16 KiB serialised",
+            raw.get().len()
+        )));
+    }
+    serde_json::from_str(raw.get()).map_err(|e| ApiError::invalid(format!("bad metadata: {e}")))
+}
+
 #[utoipa::path(
     post,
     path = "/subjects",
@@ -89,7 +104,8 @@ pub async fn create_subject(
     State(state): State<AppState>,
     JsonOrMultipart(req): JsonOrMultipart<CreateSubject>,
 ) -> Result<(StatusCode, Json<Subject>), ApiError> {
-    let subject = state.gallery.create_subject(req.name, req.metadata).await?;
+    let metadata = req.metadata.as_deref().map(parse_metadata).transpose()?;
+    let subject = state.gallery.create_subject(req.name, metadata).await?;
     Ok((StatusCode::CREATED, Json(subject)))
 }
 

@@ -40,6 +40,45 @@ const UNKNOWN_FORMAT: &str = "not a JPEG, PNG, WebP or BMP image";
 /// Alpha is dropped (not composited), grey is replicated to RGB and 16-bit samples are rounded to
 /// 8 bits.
 pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, ApiError> {
+    let Header {
+        mut decoder,
+        format,
+        width,
+        height,
+        ..
+    } = header(bytes, limits)?;
+    // A malformed EXIF block should not cost the user their upload: fall back to no rotation.
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let mut img = if format == ImageFormat::Jpeg {
+        DynamicImage::ImageRgb8(decode_jpeg_strictly(bytes, width, height)?)
+    } else {
+        DynamicImage::from_decoder(decoder).map_err(|e| map_image_error(e, format, limits))?
+    };
+    img.apply_orientation(orientation);
+    Ok(match img {
+        DynamicImage::ImageRgb8(rgb) => rgb,
+        other => other.to_rgb8(),
+    })
+}
+
+/// The bytes `decode` will allocate for its pixel buffer, read from the header alone (with the
+/// same refusals as `decode`), so a caller can reserve memory before decoding.
+pub fn decoded_size(bytes: &[u8], limits: &DecodeLimits) -> Result<u64, ApiError> {
+    header(bytes, limits).map(|h| h.decoded_bytes)
+}
+
+struct Header<D> {
+    decoder: D,
+    format: ImageFormat,
+    width: u32,
+    height: u32,
+    decoded_bytes: u64,
+}
+
+fn header<'a>(
+    bytes: &'a [u8],
+    limits: &DecodeLimits,
+) -> Result<Header<impl ImageDecoder + 'a>, ApiError> {
     if bytes.is_empty() {
         return Err(bad_image("image data is empty"));
     }
@@ -65,7 +104,7 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, ApiError>
     reader.limits(guard);
 
     // Building the decoder parses only the header (and applies the dimension limits above).
-    let mut decoder = reader
+    let decoder = reader
         .into_decoder()
         .map_err(|e| map_image_error(e, format, limits))?;
     let (width, height) = decoder.dimensions();
@@ -89,16 +128,43 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, ApiError>
             ),
         ));
     }
-
-    // A malformed EXIF block should not cost the user their upload: fall back to no rotation.
-    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
-    let mut img =
-        DynamicImage::from_decoder(decoder).map_err(|e| map_image_error(e, format, limits))?;
-    img.apply_orientation(orientation);
-    Ok(match img {
-        DynamicImage::ImageRgb8(rgb) => rgb,
-        other => other.to_rgb8(),
+    Ok(Header {
+        decoder,
+        format,
+        width,
+        height,
+        decoded_bytes,
     })
+}
+
+/// JPEG pixels through zune-jpeg, straight to RGB. zune-jpeg (strict or not) treats an
+/// end-of-image marker met inside a scan as "the rest is zeros" and fills the missing blocks
+/// with grey, so a file cut short with an end marker appended would embed as a half-grey face.
+/// A sequential JPEG is therefore decoded without its end marker, in strict mode: a complete
+/// scan never needs bytes past its data, a cut one runs out and is refused. (A progressive
+/// JPEG cut short loses refinement scans, not blocks: it decodes blurred, not grey.)
+fn decode_jpeg_strictly(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage, ApiError> {
+    let layout = jpeg_layout(bytes)
+        .ok_or_else(|| bad_image("JPEG data is truncated (no end-of-image marker)"))?;
+    let data = if layout.progressive {
+        bytes
+    } else {
+        &bytes[..layout.eoi]
+    };
+    let options = zune_core::options::DecoderOptions::default()
+        .jpeg_set_out_colorspace(zune_core::colorspace::ColorSpace::RGB)
+        .set_strict_mode(!layout.progressive)
+        .set_max_width(width as usize)
+        .set_max_height(height as usize);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(
+        zune_core::bytestream::ZCursor::new(data),
+        options,
+    );
+    let pixels = decoder
+        .decode()
+        .map_err(|e| bad_image(format!("corrupt or truncated JPEG data: {e:?}")))?;
+    RgbImage::from_raw(width, height, pixels)
+        .ok_or_else(|| bad_image("JPEG decoded to fewer pixels than its header declares"))
 }
 
 fn name(format: ImageFormat) -> &'static str {
@@ -142,40 +208,55 @@ fn map_image_error(err: ImageError, format: ImageFormat, limits: &DecodeLimits) 
     }
 }
 
+/// Where a JPEG's end-of-image marker is, and whether its frame is progressive.
+struct JpegLayout {
+    eoi: usize,
+    progressive: bool,
+}
+
 /// Walks the JPEG marker structure (skipping segment payloads by their length, so an EXIF
-/// thumbnail's markers are not mistaken for ours) and reports whether an end-of-image marker is
-/// reached. Trailing bytes after it are allowed, as many cameras append data there.
-fn jpeg_has_end_marker(bytes: &[u8]) -> bool {
+/// thumbnail's markers are not mistaken for ours) up to the end-of-image marker. Trailing bytes
+/// after it are allowed, as many cameras append data there. `None`: no end marker.
+fn jpeg_layout(bytes: &[u8]) -> Option<JpegLayout> {
     let n = bytes.len();
     let mut i = 2; // past SOI, which format guessing has already checked
+    let mut progressive = false;
     while i + 1 < n {
         if bytes[i] != 0xFF {
             // Entropy-coded scan data (or junk between segments): jump to the next 0xFF.
-            match bytes[i..].iter().position(|&b| b == 0xFF) {
-                Some(off) => i += off,
-                None => return false,
-            }
+            i += bytes[i..].iter().position(|&b| b == 0xFF)?;
             continue;
         }
         match bytes[i + 1] {
-            0xD9 => return true,
+            0xD9 => {
+                return Some(JpegLayout {
+                    eoi: i,
+                    progressive,
+                })
+            }
             // Fill byte: the marker starts at the next 0xFF.
             0xFF => i += 1,
             // Stuffed zero inside scan data, restart markers, TEM: no payload.
             0x00 | 0x01 | 0xD0..=0xD7 => i += 2,
-            _ => {
+            marker => {
+                // SOF2, SOF6, SOF10, SOF14: progressive frames.
+                progressive |= matches!(marker, 0xC2 | 0xC6 | 0xCA | 0xCE);
                 if i + 3 >= n {
-                    return false;
+                    return None;
                 }
                 let len = usize::from(u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]));
                 if len < 2 {
-                    return false;
+                    return None;
                 }
                 i += 2 + len;
             }
         }
     }
-    false
+    None
+}
+
+fn jpeg_has_end_marker(bytes: &[u8]) -> bool {
+    jpeg_layout(bytes).is_some()
 }
 
 #[cfg(test)]
@@ -493,6 +574,64 @@ mod tests {
         let flipped = decode(&with_exif_orientation(&plain, 3), &LIMITS).unwrap();
         assert_eq!(flipped.dimensions(), (64, 48));
         assert!(is_blue(flipped.get_pixel(2, 24)) && is_red(flipped.get_pixel(61, 24)));
+    }
+
+    #[test]
+    fn jpeg_cut_short_with_an_end_marker_appended_is_a_bad_image() {
+        // A photo-like picture, so the scan data is long enough to cut in half.
+        let img: RgbImage = ImageBuffer::from_fn(256, 256, |x, y| {
+            Rgb([(x ^ y) as u8, (x * 3 + y) as u8, (y * 7) as u8])
+        });
+        let full = jpeg(&img);
+        assert!(decode(&full, &LIMITS).is_ok());
+        let mut cut = full[..full.len() / 2].to_vec();
+        cut.extend_from_slice(&[0xFF, 0xD9]);
+        assert!(jpeg_has_end_marker(&cut));
+        let (kind, msg) = kind_of(decode(&cut, &LIMITS));
+        assert_eq!(kind, ErrorKind::BadImage, "{msg}");
+    }
+
+    #[test]
+    fn real_photos_decode_to_the_same_pixels_as_the_lenient_decoder() {
+        // The strict JPEG path must not refuse or change a real photo: every 7th LFW and
+        // CelebA file, against `image`'s own (lenient) JPEG decoding.
+        let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
+        let mut files = Vec::new();
+        for dir in ["lfw/eval", "faces-extra/celeba-aligned"] {
+            let mut stack = vec![shared.join(dir)];
+            while let Some(d) = stack.pop() {
+                for e in std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().path()) {
+                    if e.is_dir() {
+                        stack.push(e);
+                    } else if e.extension().is_some_and(|x| x == "jpg") {
+                        files.push(e);
+                    }
+                }
+            }
+        }
+        files.sort();
+        let sample: Vec<_> = files.iter().step_by(7).take(400).collect();
+        assert!(
+            sample.len() >= 300,
+            "shared photos missing: {}",
+            files.len()
+        );
+        for path in sample {
+            let bytes = std::fs::read(path).unwrap();
+            let ours = decode(&bytes, &LIMITS).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+            let theirs = image::load_from_memory(&bytes).unwrap().to_rgb8();
+            assert!(ours == theirs, "{path:?} decodes differently");
+        }
+    }
+
+    #[test]
+    fn decoded_size_reads_the_header_only() {
+        let p = png(test_rgb().as_raw(), 64, 48, ExtendedColorType::Rgb8);
+        assert_eq!(decoded_size(&p, &LIMITS).unwrap(), 64 * 48 * 3);
+        assert_eq!(
+            decoded_size(&png_bomb(), &LIMITS).unwrap_err().kind,
+            ErrorKind::ImageTooLarge
+        );
     }
 
     #[test]

@@ -62,6 +62,10 @@ pub struct TestApp {
     /// The running app's state, for reading engine statistics in-process.
     pub state: AppState,
     pub dir: tempfile::TempDir,
+    /// Starts the app's shutdown, as SIGTERM would (`notify_one`).
+    pub stop: std::sync::Arc<tokio::sync::Notify>,
+    /// The serving task: ends when shutdown has finished.
+    pub server: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -82,7 +86,9 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Config)) -> TestApp {
         .expect("application builds");
     let port = app.port();
     let state = app.state().clone();
-    tokio::spawn(app.run_until_stopped());
+    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+    let notified = stop.clone();
+    let server = tokio::spawn(app.run_until(async move { notified.notified().await }));
     TestApp {
         address: format!("http://127.0.0.1:{port}"),
         port,
@@ -90,6 +96,8 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Config)) -> TestApp {
         db_path,
         state,
         dir,
+        stop,
+        server,
     }
 }
 

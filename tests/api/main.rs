@@ -2,6 +2,7 @@
 mod detect;
 mod embed;
 mod gallery;
+mod hardening;
 mod helpers;
 mod ops;
 mod replicas;

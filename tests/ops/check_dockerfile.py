@@ -336,8 +336,12 @@ def main() -> int:
     check(dep.get("spec", {}).get("strategy", {}).get("type") == "Recreate",
           "k8s rollout stops the old pod before the new one opens the gallery")
     grace = pod.get("terminationGracePeriodSeconds", 30)
-    check(int(env.get("MOBIFACE_SHUTDOWN_TIMEOUT_S", "20")) < grace,
-          "k8s grace period exceeds the service's shutdown timeout")
+    drain = int(env.get("MOBIFACE_SHUTDOWN_DRAIN_S", "5"))
+    check(drain + int(env.get("MOBIFACE_SHUTDOWN_TIMEOUT_S", "20")) < grace,
+          "k8s grace period exceeds the service's drain period plus shutdown timeout")
+    probe = ctr.get("readinessProbe", {})
+    check(probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3) <= drain,
+          "k8s readiness probe sees the drain period's 503 before the listener closes")
 
     # k8s PostgreSQL overlay: builds on the base, takes the URL from a secret, scales out.
     overlay = yaml.safe_load((ROOT / "deploy/k8s/postgres/kustomization.yaml").read_text())
