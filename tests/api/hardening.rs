@@ -11,8 +11,10 @@ use image::{ExtendedColorType, ImageEncoder};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 
-use crate::helpers::{b64, eval_crops, json_of, read, spawn_app, spawn_app_with, TestApp};
-use crate::ops::{metric, scrape, Server};
+use crate::helpers::{
+    b64, eval_crops, json_of, metric, read, scrape, spawn_app, spawn_app_with, LoggedServer,
+    TestApp,
+};
 
 /// Peak and current resident memory of a process, in MiB.
 fn memory_mib(pid: u32) -> (u64, u64) {
@@ -45,7 +47,7 @@ fn padded_body(prefix: &str, item: &str, last: &str, size: usize) -> String {
     format!("{prefix}{}{last}", item.repeat(n))
 }
 
-async fn post_raw(server: &Server, body: String) -> (u16, Value) {
+async fn post_raw(server: &LoggedServer, body: String) -> (u16, Value) {
     let resp = server
         .client
         .post(format!("{}/embed", server.base))
@@ -63,7 +65,7 @@ async fn post_raw(server: &Server, body: String) -> (u16, Value) {
 /// `[0,0,...]` at 745 MB; one of `[[],[],...]` landmarks added 357 MB.
 #[tokio::test]
 async fn memory_stays_bounded_under_hostile_concurrency() {
-    let server = Server::start(&[], &[]).await;
+    let server = LoggedServer::start(&[], &[]).await;
     let pid = server.child.id();
     let (_, start) = memory_mib(pid);
 

@@ -1,10 +1,11 @@
 //! One way to start the real application for a test: real model, real ONNX
 //! Runtime, a fresh SQLite file, HTTP over loopback on a free port.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use clap::Parser;
@@ -307,5 +308,149 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Sum of every series of `name` whose labels include all of `labels`, from the
+/// Prometheus text exposition; `None` if no such series exists.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut total = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (series, value) = match line.rsplit_once(' ') {
+            Some(x) => x,
+            None => continue,
+        };
+        let (n, label_text) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if n != name {
+            continue;
+        }
+        let have: BTreeMap<&str, &str> = label_text
+            .split("\",")
+            .filter(|kv| !kv.is_empty())
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k, v.trim_matches('"')))
+            .collect();
+        if labels.iter().all(|(k, v)| have.get(k) == Some(v)) {
+            *total.get_or_insert(0.0) += value.parse::<f64>().expect("metric value");
+        }
+    }
+    total
+}
+
+pub async fn scrape(app: &TestApp) -> String {
+    let resp = app.get("/metrics").await;
+    assert_eq!(resp.status(), 200);
+    let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("text/plain"), "{ct}");
+    resp.text().await.unwrap()
+}
+
+/// The real binary as a child process on its own SQLite file, output captured in a log
+/// file, ready (`/readyz` 200) once `start` returns.
+pub struct LoggedServer {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub base: String,
+    /// No connection reuse: a request either was accepted before shutdown or never was.
+    pub client: reqwest::Client,
+}
+
+impl Drop for LoggedServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl LoggedServer {
+    pub async fn start(args: &[&str], envs: &[(&str, &str)]) -> LoggedServer {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let root = manifest_dir();
+        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_mobiface"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--database")
+            .arg(dir.path().join("gallery.db"))
+            .arg("--model")
+            .arg(root.join("models/mobiface.onnx"))
+            .args(args)
+            .env_remove("MOBIFACE_API_KEYS_FILE")
+            .env_remove("MOBIFACE_LOG_FORMAT")
+            .envs(envs.iter().copied())
+            .current_dir(&root)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let mut server = LoggedServer {
+            child,
+            dir,
+            base: format!("http://127.0.0.1:{port}"),
+            client,
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(r) = server
+                .client
+                .get(format!("{}/readyz", server.base))
+                .send()
+                .await
+            {
+                if r.status() == 200 {
+                    break;
+                }
+            }
+            assert!(
+                server.child.try_wait().unwrap().is_none(),
+                "server died at start:\n{}",
+                server.log()
+            );
+            assert!(Instant::now() < deadline, "server not ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        server
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub fn sigterm(&self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server still running after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }

@@ -1,53 +1,19 @@
 //! Operations: metrics move with traffic, API keys, limits (413, 503 queue full,
 //! 504 timeout), request ids, the OpenAPI document, and SIGTERM during a burst.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::helpers::{b64, eval_crops, manifest_dir, read, spawn_app, spawn_app_with, TestApp};
+use crate::helpers::{
+    b64, eval_crops, manifest_dir, metric, read, scrape, spawn_app, spawn_app_with, LoggedServer,
+    TestApp,
+};
 
 // ------------------------------------------------------------------ helpers
-
-/// Sum of every series of `name` whose labels include all of `labels`, from the
-/// Prometheus text exposition; `None` if no such series exists.
-pub(crate) fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut total = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let (series, value) = match line.rsplit_once(' ') {
-            Some(x) => x,
-            None => continue,
-        };
-        let (n, label_text) = match series.split_once('{') {
-            Some((n, rest)) => (n, rest.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        if n != name {
-            continue;
-        }
-        let have: BTreeMap<&str, &str> = label_text
-            .split("\",")
-            .filter(|kv| !kv.is_empty())
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k, v.trim_matches('"')))
-            .collect();
-        if labels.iter().all(|(k, v)| have.get(k) == Some(v)) {
-            *total.get_or_insert(0.0) += value.parse::<f64>().expect("metric value");
-        }
-    }
-    total
-}
-
-pub(crate) async fn scrape(app: &TestApp) -> String {
-    let resp = app.get("/metrics").await;
-    assert_eq!(resp.status(), 200);
-    let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
-    assert!(ct.starts_with("text/plain"), "{ct}");
-    resp.text().await.unwrap()
-}
 
 fn crops_b64(n: usize) -> Vec<String> {
     eval_crops(n).iter().map(|p| b64(&read(p))).collect()
@@ -688,117 +654,11 @@ async fn openapi_covers_every_route_and_validates() {
 
 // ------------------------------------------------------------------ SIGTERM
 
-/// The real binary as a child process, output captured in a log file.
-pub(crate) struct Server {
-    pub(crate) child: Child,
-    dir: tempfile::TempDir,
-    pub(crate) base: String,
-    /// No connection reuse: a request either was accepted before shutdown or never was.
-    pub(crate) client: reqwest::Client,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Server {
-    pub(crate) async fn start(args: &[&str], envs: &[(&str, &str)]) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let root = manifest_dir();
-        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_mobiface"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--database")
-            .arg(dir.path().join("gallery.db"))
-            .arg("--model")
-            .arg(root.join("models/mobiface.onnx"))
-            .args(args)
-            .env_remove("MOBIFACE_API_KEYS_FILE")
-            .env_remove("MOBIFACE_LOG_FORMAT")
-            .envs(envs.iter().copied())
-            .current_dir(&root)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(0)
-            .build()
-            .unwrap();
-        let mut server = Server {
-            child,
-            dir,
-            base: format!("http://127.0.0.1:{port}"),
-            client,
-        };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Ok(r) = server
-                .client
-                .get(format!("{}/readyz", server.base))
-                .send()
-                .await
-            {
-                if r.status() == 200 {
-                    break;
-                }
-            }
-            assert!(
-                server.child.try_wait().unwrap().is_none(),
-                "server died at start:\n{}",
-                server.log()
-            );
-            assert!(Instant::now() < deadline, "server not ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        server
-    }
-
-    pub(crate) fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
-    }
-
-    pub(crate) fn sigterm(&self) {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
-    }
-
-    pub(crate) async fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server still running after SIGTERM"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
 #[tokio::test]
 async fn sigterm_during_a_burst_finishes_cleanly_and_exits_0() {
     // No drain period: this test is about the listener closing at once and in-flight
     // requests finishing (hardening.rs tests the drain).
-    let mut server = Server::start(
+    let mut server = LoggedServer::start(
         &[],
         &[
             ("MOBIFACE_SHUTDOWN_TIMEOUT_S", "60"),
@@ -908,7 +768,7 @@ async fn sigterm_during_a_burst_finishes_cleanly_and_exits_0() {
 async fn json_logs_carry_the_request_id_into_inference_and_never_the_keys() {
     let keys_dir = tempfile::tempdir().unwrap();
     let keys = write_keys(keys_dir.path());
-    let mut server = Server::start(
+    let mut server = LoggedServer::start(
         &[
             "--log-format",
             "json",
