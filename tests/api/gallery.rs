@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::helpers::{
-    b64, eval_crops, json_of, lfw_dir, read, spawn_app, spawn_app_both, spawn_app_with, Server,
-    TestApp,
+    b64, eval_crops, get_json, json_of, lfw_dir, read, spawn_app, spawn_app_both, spawn_app_with,
+    Server, TestApp,
 };
 
 /// Identities of the evaluation split with at least `min` images, sorted,
@@ -439,14 +439,7 @@ async fn acknowledged_writes_survive_sigkill() {
         deleted_face.expect("deleted"),
     );
     for (sid, fid, img) in &acked {
-        let d: Value = client
-            .get(format!("{}/subjects/{sid}", server.address))
-            .send()
-            .await
-            .expect("sent")
-            .json()
-            .await
-            .expect("json");
+        let (_, d) = get_json(&client, format!("{}/subjects/{sid}", server.address)).await;
         let ids: Vec<&str> = d["faces"]
             .as_array()
             .expect("faces")
@@ -483,14 +476,7 @@ async fn acknowledged_writes_survive_sigkill() {
         StatusCode::NOT_FOUND,
         "deleted subject stays deleted"
     );
-    let ready: Value = client
-        .get(format!("{}/readyz", server.address))
-        .send()
-        .await
-        .expect("sent")
-        .json()
-        .await
-        .expect("json");
+    let (_, ready) = get_json(&client, format!("{}/readyz", server.address)).await;
     assert_eq!(ready["gallery"]["faces"], acked.len(), "{ready}");
     server.kill9();
 }
@@ -872,25 +858,11 @@ async fn wal_stays_bounded_over_enrolments_and_survives_sigkill() {
     server.kill9();
 
     let server = Server::start(&db);
-    let ready: Value = client
-        .get(format!("{}/readyz", server.address))
-        .send()
-        .await
-        .expect("sent")
-        .json()
-        .await
-        .expect("json");
+    let (_, ready) = get_json(&client, format!("{}/readyz", server.address)).await;
     assert_eq!(ready["gallery"]["faces"], FACES, "{ready}");
     let mut stored = std::collections::HashSet::new();
     for sid in &subjects {
-        let d: Value = client
-            .get(format!("{}/subjects/{sid}", server.address))
-            .send()
-            .await
-            .expect("sent")
-            .json()
-            .await
-            .expect("json");
+        let (_, d) = get_json(&client, format!("{}/subjects/{sid}", server.address)).await;
         for f in d["faces"].as_array().expect("faces") {
             stored.insert((sid.clone(), f["id"].as_str().expect("id").to_string()));
         }

@@ -227,6 +227,11 @@ pub async fn json_of(resp: reqwest::Response) -> (StatusCode, Value) {
     (status, value)
 }
 
+/// Status and JSON body of a GET through `client` (for servers outside a `TestApp`).
+pub async fn get_json(client: &reqwest::Client, url: String) -> (StatusCode, Value) {
+    json_of(client.get(url).send().await.expect("sent")).await
+}
+
 /// The project's Python environment (onnx, onnxruntime), for independent reference checks.
 pub fn venv_python() -> PathBuf {
     let python = manifest_dir().join(".venv/bin/python");

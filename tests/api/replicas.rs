@@ -18,13 +18,9 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{b64, eval_crops, json_of, read, Server};
+use crate::helpers::{b64, eval_crops, get_json, json_of, read, Server};
 
 const DEADLINE: Duration = Duration::from_secs(10);
-
-async fn get_json(client: &reqwest::Client, url: String) -> (StatusCode, Value) {
-    json_of(client.get(url).send().await.expect("sent")).await
-}
 
 async fn post_json(client: &reqwest::Client, url: String, body: &Value) -> reqwest::Response {
     client.post(url).json(body).send().await.expect("sent")
