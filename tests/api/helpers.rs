@@ -54,12 +54,10 @@ pub fn test_config(db_path: &Path) -> Config {
         .config
 }
 
-#[allow(dead_code)] // each test file uses a different subset
 pub struct TestApp {
     pub address: String,
     pub port: u16,
     pub client: reqwest::Client,
-    pub db_path: PathBuf,
     /// The running app's state, for reading engine statistics in-process.
     pub state: AppState,
     pub dir: tempfile::TempDir,
@@ -78,10 +76,6 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Config)) -> TestApp {
     let db_path = dir.path().join("gallery.db");
     let mut config = test_config(&db_path);
     customise(&mut config);
-    let db_path = match &config.gallery.database {
-        Database::Sqlite(path) => path.clone(),
-        Database::Postgres(_) => PathBuf::new(),
-    };
     let app = Application::build(config)
         .await
         .expect("application builds");
@@ -94,7 +88,6 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Config)) -> TestApp {
         address: format!("http://127.0.0.1:{port}"),
         port,
         client: reqwest::Client::new(),
-        db_path,
         state,
         dir,
         stop,
