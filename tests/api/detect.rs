@@ -4,14 +4,8 @@ use image::{GenericImage, RgbImage};
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    b64, cosine, embeddings_of, json_of, lfw_dir, read, spawn_app, spawn_app_with,
+    b64, cosine, embeddings_of, json_of, lfw_dir, png, read, spawn_app, spawn_app_with,
 };
-
-fn png(img: &RgbImage) -> Vec<u8> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
-}
 
 fn jpeg(img: &RgbImage) -> Vec<u8> {
     let mut out = Vec::new();

@@ -1,23 +1,15 @@
 //! POST /embed against the real model: flip-averaging, batching, an
 //! independent ONNX Runtime reference, alignment, and bad input.
 
-use std::io::Cursor;
 use std::process::Command;
 
-use image::{ImageFormat, RgbImage};
+use image::RgbImage;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    b64, cosine, embeddings_of, eval_crops, lfw_dir, manifest_dir, read, spawn_app, spawn_app_with,
-    venv_python,
+    b64, cosine, embeddings_of, eval_crops, lfw_dir, manifest_dir, png, read, spawn_app,
+    spawn_app_with, venv_python,
 };
-
-fn png_bytes(img: &RgbImage) -> Vec<u8> {
-    let mut out = Cursor::new(Vec::new());
-    img.write_to(&mut out, ImageFormat::Png)
-        .expect("PNG encodes");
-    out.into_inner()
-}
 
 #[tokio::test]
 async fn flip_averaging_makes_an_image_and_its_mirror_agree() {
@@ -26,7 +18,7 @@ async fn flip_averaging_makes_an_image_and_its_mirror_agree() {
         .unwrap()
         .to_rgb8();
     let mirror = image::imageops::flip_horizontal(&crop);
-    let images = [png_bytes(&crop), png_bytes(&mirror)];
+    let images = [png(&crop), png(&mirror)];
 
     let flipped = app.embed(&images, true).await;
     let plain = app.embed(&images, false).await;
@@ -153,7 +145,7 @@ async fn embeddings_equal_onnxruntime_run_directly() {
         .map(|p| image::load_from_memory(&read(p)).unwrap().to_rgb8())
         .collect();
     // PNG keeps the pixels exact, so both sides see the same decoded image.
-    let bytes: Vec<Vec<u8>> = imgs.iter().map(png_bytes).collect();
+    let bytes: Vec<Vec<u8>> = imgs.iter().map(png).collect();
     let plain = app.embed(&bytes, false).await;
     let flipped = app.embed(&bytes, true).await;
 
