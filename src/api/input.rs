@@ -148,9 +148,7 @@ pub(crate) fn decode_reserved<'b>(
     budget: &'b DecodeBudget,
 ) -> Result<(Reservation<'b>, RgbImage), ApiError> {
     let bytes = decode_base64(data)?;
-    let room = budget.reserve(imaging::decoded_size(&bytes, limits)?)?;
-    let img = imaging::decode(&bytes, limits)?;
-    Ok((room, img))
+    imaging::decode_admitted(&bytes, limits, |size| budget.reserve(size))
 }
 
 /// The one rule for turning a decoded image into the model's face (also `mobiface eval`'s).
