@@ -7,7 +7,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::input::{decode_base64, ImageInput, JsonOrMultipart, MultipartFields};
+use super::input::{decode_reserved, ImageInput, JsonOrMultipart, MultipartFields};
 use super::AppState;
 use crate::detection::Face;
 use crate::error::{ApiError, ErrorBody, ErrorKind};
@@ -83,9 +83,11 @@ pub async fn detect(
     };
     let limits = state.decode_limits();
     let detector = state.detector.clone();
+    let budget = state.decode_budget.clone();
     let crops = req.crops;
     let response = tokio::task::spawn_blocking(move || {
-        let img = imaging::decode(&decode_base64(&data)?, &limits)?;
+        // Held until the crops exist, as for the other image endpoints.
+        let (_room, img) = decode_reserved(&data, &limits, &budget)?;
         let faces = detector
             .detect(&img)?
             .into_iter()

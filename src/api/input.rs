@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::admission::DecodeBudget;
+use super::admission::{DecodeBudget, Reservation};
 pub use super::bounded::LandmarkInput;
 use super::AppState;
 use crate::detection::{BoundingBox, Detector, Multiple};
@@ -135,11 +135,20 @@ fn prepare(
 ) -> Result<Prepared, ApiError> {
     let (data, landmarks) = input.parts();
     let landmarks = landmarks.map(LandmarkInput::parse).transpose()?;
-    let bytes = decode_base64(data)?;
     // Held until the crop exists: the decoded image is the memory being bounded.
-    let _room = budget.reserve(imaging::decoded_size(&bytes, limits)?)?;
-    let img = imaging::decode(&bytes, limits)?;
+    let (_room, img) = decode_reserved(data, limits, budget)?;
     prepare_image(&img, landmarks, opts, detector)
+}
+
+/// Decodes base64 image data after reserving decode budget for it; the budget stays held
+/// until the caller drops the returned reservation. Every endpoint that decodes goes through it.
+pub(crate) fn decode_reserved<'b>(
+    data: &str,
+    limits: &DecodeLimits,
+    budget: &'b DecodeBudget,
+) -> Result<(Reservation<'b>, RgbImage), ApiError> {
+    let bytes = decode_base64(data)?;
+    imaging::decode_admitted(&bytes, limits, |size| budget.reserve(size))
 }
 
 /// The one rule for turning a decoded image into the model's face (also `mobiface eval`'s).

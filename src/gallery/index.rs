@@ -426,8 +426,8 @@ pub struct Snapshot {
 }
 
 impl Index {
-    /// An empty index. Panics only if no temporary file can be created for the
-    /// spill file (tests); the service uses `try_with_capacity`.
+    /// An empty index, for tests: panics if no temporary file can be created
+    /// for the spill file. The service uses `try_with_capacity`.
     pub fn new(dim: usize) -> Self {
         Self::try_with_capacity(dim, 0, 0).expect("index spill file in the temporary folder")
     }

@@ -17,14 +17,16 @@ pub struct Mirror {
 }
 
 impl Mirror {
-    pub fn new(model: &str, dim: usize, metrics: Arc<Metrics>) -> Mirror {
-        Mirror {
-            index: RwLock::new(Index::new(dim)),
+    /// Fails (rather than panicking at start-up) when the index's spill file
+    /// cannot be created in the temporary folder.
+    pub fn new(model: &str, dim: usize, metrics: Arc<Metrics>) -> std::io::Result<Mirror> {
+        Ok(Mirror {
+            index: RwLock::new(Index::try_with_capacity(dim, 0, 0)?),
             faces_other_model: AtomicU64::new(0),
             model: model.to_string(),
             dim,
             metrics,
-        }
+        })
     }
 
     // A poisoned lock means a panic elsewhere mid-read; index updates do not

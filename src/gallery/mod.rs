@@ -246,7 +246,7 @@ impl Gallery {
                     .map_err(|e| anyhow::anyhow!("gallery start-up panicked: {e}"))?
             }
             Database::Postgres(url) => {
-                let mirror = Arc::new(Mirror::new(model_id, dim, metrics.clone()));
+                let mirror = Arc::new(Mirror::new(model_id, dim, metrics.clone())?);
                 let (store, report) =
                     postgres::PgStore::connect(url, config, mirror.clone(), metrics).await?;
                 log_loaded(&store, model_id, &report);
@@ -266,7 +266,7 @@ impl Gallery {
         dim: usize,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Gallery> {
-        let mirror = Arc::new(Mirror::new(model_id, dim, metrics));
+        let mirror = Arc::new(Mirror::new(model_id, dim, metrics)?);
         let (store, report) = sqlite::SqliteStore::open(path, mirror.clone())?;
         log_loaded(&store, model_id, &report);
         Ok(Gallery {

@@ -40,13 +40,25 @@ const UNKNOWN_FORMAT: &str = "not a JPEG, PNG, WebP or BMP image";
 /// Alpha is dropped (not composited), grey is replicated to RGB and 16-bit samples are rounded to
 /// 8 bits.
 pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, ApiError> {
+    decode_admitted(bytes, limits, |_| Ok(())).map(|(_, img)| img)
+}
+
+/// `decode`, calling `admit` with the size `decoded_size` reports before any pixel buffer is
+/// allocated (to reserve memory for it); what `admit` returns comes back with the image. The
+/// header is read once, not once for the size and again for the decode.
+pub fn decode_admitted<G>(
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    admit: impl FnOnce(u64) -> Result<G, ApiError>,
+) -> Result<(G, RgbImage), ApiError> {
     let Header {
         mut decoder,
         format,
         width,
         height,
-        ..
+        decoded_bytes,
     } = header(bytes, limits)?;
+    let admitted = admit(decoded_bytes)?;
     // A malformed EXIF block should not cost the user their upload: fall back to no rotation.
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
     let mut img = if format == ImageFormat::Jpeg {
@@ -55,10 +67,11 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, ApiError>
         DynamicImage::from_decoder(decoder).map_err(|e| map_image_error(e, format, limits))?
     };
     img.apply_orientation(orientation);
-    Ok(match img {
+    let rgb = match img {
         DynamicImage::ImageRgb8(rgb) => rgb,
         other => other.to_rgb8(),
-    })
+    };
+    Ok((admitted, rgb))
 }
 
 /// The bytes `decode` will allocate for its pixel buffer, read from the header alone (with the

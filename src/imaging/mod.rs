@@ -9,7 +9,7 @@ mod decode;
 
 pub(crate) use align::fit_similarity;
 pub use align::{align, parse_landmarks, Landmarks, TEMPLATE};
-pub use decode::{decode, decoded_size, DecodeLimits};
+pub use decode::{decode, decode_admitted, decoded_size, DecodeLimits};
 
 /// Side of the square RGB face crop the model consumes.
 pub const FACE_SIZE: u32 = 112;
