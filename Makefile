@@ -8,7 +8,7 @@ VENV := .venv
 VENV_TRAIN := .venv-train
 export ORT_DYLIB_PATH ?= $(abspath $(ORT_LIB))
 
-.PHONY: run test bench bench-venv train train-1.4 ort detector detector-golden detector-compare venv venv-train lint fmt prometheus-tools teacher-torch postgres fuzz soak
+.PHONY: run test bench bench-venv align train train-1.4 ort detector detector-golden detector-compare venv venv-train lint fmt prometheus-tools teacher-torch postgres fuzz soak
 
 ## ONNX Runtime shared library, taken out of the PyPI wheel (the ort crate's own download cannot reach its host).
 ort: $(ORT_LIB)
@@ -151,16 +151,26 @@ teacher-torch: venv-train
 ## bounds the session, the step schedule (--total-steps) spans the whole run. It does not
 ## export: models/mobiface.onnx stays 1.4.0 until a 2.0 checkpoint beats it on validation.
 TRAIN_MINUTES ?= 100
-TARGET_SETS ?= lfw,celeba,glint,utk
-TRAIN_SETS ?= lfw,celeba,glint,utk
+TRAIN_THREADS ?= 1
+TARGET_SETS ?= lfw,lfwdet,celeba,glint,utk
+TRAIN_SETS ?= lfw,lfwdet,celeba,glint,utk
 CROPS_ARGS ?=
-train: venv-train venv
+## LFW train's raw photos through the service's own detector and aligner (targets.py's "lfwdet"
+## set): the crops the service makes at run time. detections.csv is written last, so it marks a
+## finished folder. Crops stay out of git (models/cache/).
+ALIGNED_LFW := models/cache/aligned/lfw-train
+align: ort detector
+	cargo build --release --locked --bin mobiface
+	[ -f $(ALIGNED_LFW)/detections.csv ] || target/release/mobiface align \
+		--images ../shared/lfw/train --out $(ALIGNED_LFW)
+
+train: venv-train venv align
 	$(VENV)/bin/python models/teachers.py fetch
 	nice -n 19 $(VENV_TRAIN)/bin/python models/targets.py --sets $(TARGET_SETS) --teachers edgeface $(CROPS_ARGS)
 	[ -f models/cache/init-1.4.0.pt ] || $(VENV_TRAIN)/bin/python models/from_onnx.py \
 		--model models/mobiface.onnx --out models/cache/init-1.4.0.pt
 	nice -n 19 $(VENV_TRAIN)/bin/python models/train.py --sets $(TRAIN_SETS) $(CROPS_ARGS) --teacher edgeface \
-		--init models/cache/init-1.4.0.pt --threads 1 --batch 32 --lr 1e-3 --total-steps 10000 \
+		--init models/cache/init-1.4.0.pt --threads $(TRAIN_THREADS) --batch 32 --lr 1e-3 --total-steps 10000 \
 		--budget-minutes $(TRAIN_MINUTES) --val-every-min 20 --out models/checkpoints/v2 $(TRAIN_ARGS)
 
 ## Retrain MobiFace 1.4.0 (the shipped file): teacher embeddings; a first stage from scratch without

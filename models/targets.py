@@ -47,8 +47,13 @@ SETS = {
     "celeba": (os.path.join(EXTRA, "celeba-aligned"), True),
     "glint": (os.path.join(EXTRA, "glint-sample"), True),
     "utk": (UTK, False),
+    # LFW train's raw photos through the service's own detector and aligner (`mobiface align`,
+    # `make align`): what the service sees at run time. Same people as "lfw", same held-out ones.
+    "lfwdet": (os.path.join(HERE, "cache", "aligned", "lfw-train"), True),
 }
-VAL_SETS = ("lfw", "celeba")
+# a set whose held-out identities are drawn from another set's crops (the same people)
+HELD_FROM = {"lfwdet": "lfw"}
+VAL_SETS = ("lfw", "celeba", "lfwdet")
 VAL_IDS = {"lfw": 80, "celeba": 25}
 VAL_PAIRS_PER_ID = 20
 SPLIT_SEED = 0
@@ -87,13 +92,14 @@ class CropSet:
                 f.write(self.root + "\n")
         self.ids = [n.split(os.sep)[0] for n in self.names] if self.labelled else None
         self.held: set[str] = set()
-        if name in VAL_IDS:
+        held_from = HELD_FROM.get(name, name)
+        if held_from in VAL_IDS:
             # drawn from the default crops' names, so other crops of the same photos (mobiface
             # align skips photos without a face) hold out the same identities: a resumed run
             # never validates on people it trained on
-            default = SETS[name][0]
+            default = SETS[held_from][0]
             base = self.names if os.path.realpath(default) == os.path.realpath(self.root) else list_images(default)
-            self.held = split_identities(base, SPLIT_SEED, VAL_IDS[name])
+            self.held = split_identities(base, SPLIT_SEED, VAL_IDS[held_from])
         self.is_val = np.array([self.ids is not None and self.ids[i] in self.held for i in range(len(self.names))])
 
     def __len__(self) -> int:
@@ -215,7 +221,7 @@ def build(args) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sets", default="lfw,celeba,glint,utk")
+    ap.add_argument("--sets", default="lfw,lfwdet,celeba,glint,utk")
     ap.add_argument("--crops", action="append", help="SET=DIR: crops of SET from DIR (e.g. mobiface align's)")
     ap.add_argument("--teachers", default="edgeface,sface")
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per teacher")

@@ -82,6 +82,7 @@ import io
 import math
 import os
 import random
+import signal
 import sys
 import time
 
@@ -294,7 +295,7 @@ class SetsData:
 
     def __init__(self, set_names: list[str], crop_dirs: dict[str, str], teacher: str, device):
         self.cropsets = targets.load_sets(set_names, crop_dirs)
-        held = set().union(*(s.held for s in self.cropsets if s.name == "lfw"))
+        held = set().union(*(s.held for s in self.cropsets if s.name in ("lfw", "lfwdet")))
         crops, keys, out, utk = [], [], [], []
         self.val: dict[str, tuple[np.ndarray, list]] = {}
         off = 0
@@ -310,11 +311,14 @@ class SetsData:
             off += len(s)
         self.lfw = np.concatenate(crops)
         self.trainable = ~np.concatenate(out)
-        count: dict[str, int] = {}
+        # distinct photos per identity: lfw and lfwdet are two crops of one photo, which make no
+        # class of a person photographed once
+        photos: dict[str, set[str]] = {}
+        names = [os.path.basename(n) for s in self.cropsets for n in s.names]
         for i in np.nonzero(self.trainable)[0]:
             if keys[i] is not None:
-                count[keys[i]] = count.get(keys[i], 0) + 1
-        self.class_keys = sorted(k for k, n in count.items() if n >= 2)
+                photos.setdefault(keys[i], set()).add(names[i])
+        self.class_keys = sorted(k for k, v in photos.items() if len(v) >= 2)
         cls = {k: c for c, k in enumerate(self.class_keys)}
         self.n_classes = len(cls)
         self.lfw_label = np.array([cls.get(k, -1) if k is not None else -1 for k in keys], np.int64)
@@ -367,6 +371,9 @@ class SetsData:
                 self.label[rows], ~self.is_utk[rows])
 
 
+SCORE_SETS = ("lfw", "celeba")
+
+
 @torch.no_grad()
 def validate_sets(model, data: SetsData, device) -> dict[str, float]:
     """2-fold accuracy on each validation set's pairs, flip-averaged and single view (percent),
@@ -382,7 +389,9 @@ def validate_sets(model, data: SetsData, device) -> dict[str, float]:
         for view, e in (("flip", (a + b) / 2), ("single", a)):
             out[f"{name}_{view}"] = 100 * targets.pair_metrics(F.normalize(e, dim=1).cpu().numpy(), local)[0]
     model.train(was)
-    out["score"] = float(np.mean(list(out.values())))
+    # the selection figure stays the four written down before the run (LFW and CelebA crops);
+    # lfwdet (detector-aligned LFW) is reported beside it
+    out["score"] = float(np.mean([v for k, v in out.items() if k.split("_")[0] in SCORE_SETS]))
     return out
 
 
@@ -949,6 +958,10 @@ def main(argv=None) -> int:
 
     if args.init and step == 0 and args.val_every_min > 0:
         do_val(what=" (init)")  # a fine-tune is kept only where it beats its starting point
+    # SIGTERM ends the session at the next step boundary, validated and saved like a finished
+    # budget (a session that must stop early loses no steps)
+    halt: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: halt.append(1))
     while not stop:
         rng = np.random.default_rng(args.seed * 7919 + epoch)
         items = data.epoch_items(rng)
@@ -957,7 +970,7 @@ def main(argv=None) -> int:
         while pos + args.batch <= len(items):
             p = progress()
             # 2.0: --budget-minutes bounds this session; the step schedule spans the whole run
-            if p >= 1.0 or (args.sets and time.time() - t0 >= budget):
+            if p >= 1.0 or halt or (args.sets and time.time() - t0 >= budget):
                 stop = True
                 break
             lr = lr_at(p, args.lr, constant=swa is not None)
