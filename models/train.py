@@ -1033,8 +1033,8 @@ def main(argv=None) -> int:
         save(os.path.join(args.out, "swa.pt"), val_acc=history[-1]["val_acc"],
              **dict(state(), model=swa.module.state_dict(), what=" (SWA)"))
     el = elapsed_before + time.time() - t0
-    log(f"TRAIN-DONE steps {step}, {el / 60:.1f} min, best validation accuracy {best * 100:.2f}% "
-        f"({best_path})")
+    best_txt = f"score {best:.2f}" if args.sets else f"accuracy {best * 100:.2f}%"
+    log(f"TRAIN-DONE steps {step}, {el / 60:.1f} min, best validation {best_txt} ({best_path})")
     return 0
 
 
