@@ -197,7 +197,7 @@ pub fn load_index(
             (index, refused)
         });
         // Runs until done or until the builder stops taking batches.
-        let read = read_rows(conn, model, dim, &full_tx, &empty_rx, &mut report);
+        let read = read_rows(conn, model, &full_tx, &empty_rx, &mut report);
         drop(full_tx);
         let panicked = |_| anyhow::anyhow!("an index load thread panicked");
         let built = builder.join().map_err(panicked);
@@ -218,7 +218,6 @@ pub fn load_index(
 fn read_rows(
     conn: &Connection,
     model: &str,
-    dim: usize,
     to_builder: &mpsc::SyncSender<Load>,
     empty: &mpsc::Receiver<FaceBatch>,
     report: &mut LoadReport,
@@ -259,7 +258,8 @@ fn read_rows(
         let fid = Uuid::parse_str(row.get_ref(0)?.as_str()?);
         let sid = Uuid::parse_str(row.get_ref(1)?.as_str()?);
         match (fid, sid) {
-            (Ok(fid), Ok(sid)) if blob.len() == dim * 4 && batch.push(fid, sid, blob) => {}
+            // `push` refuses a blob that is not `dim` floats.
+            (Ok(fid), Ok(sid)) if batch.push(fid, sid, blob) => {}
             _ => report.faces_malformed += 1,
         }
         if batch.len() == BATCH_ROWS {
