@@ -177,8 +177,9 @@ impl Engine {
     }
 
     /// Embeds 112x112 faces: one L2-normalised vector per face. With `flip`,
-    /// each face runs beside its mirror in the same batch and the two raw
-    /// features are averaged before normalising (Flipped-MobiFace).
+    /// each face runs beside its mirror (in one batch, unless idle workers take
+    /// one each) and the two raw features are averaged before normalising
+    /// (Flipped-MobiFace).
     pub async fn embed(&self, faces: Vec<RgbImage>, flip: bool) -> Result<Vec<Vec<f32>>, ApiError> {
         if faces.is_empty() {
             return Ok(Vec::new());
