@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use mobiface::gallery::index::Index;
+use mobiface::gallery::index::{FaceBatch, Index, BATCH_ROWS};
 use mobiface::gallery::{sqlite, Gallery};
 use mobiface::metrics::Metrics;
 use uuid::Uuid;
@@ -240,24 +240,130 @@ fn bench_load(a: &Args, n: usize) -> anyhow::Result<serde_json::Value> {
     // Dirty pages of the write (or of earlier benchmarks) would otherwise be
     // flushed during the timed opens and charged to them.
     let _ = std::process::Command::new("sync").status();
-    let mut times = Vec::new();
+    // Next to each timed open, its two largest parts run alone on one core
+    // each: stepping SQLite through the rows the load reads, and writing the
+    // spill file's bytes. The load runs them on separate threads, so on two
+    // free cores it cannot beat the larger of the two.
+    let (mut times, mut read_times, mut spill_times) = (Vec::new(), Vec::new(), Vec::new());
+    let mut build_times = Vec::new();
     for _ in 0..3 {
+        build_times.push(build_index_alone(n)?);
+        let t = Instant::now();
+        read_rows_alone(&path)?;
+        read_times.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        write_spill_alone(n * DIM * 4)?;
+        spill_times.push(t.elapsed().as_secs_f64());
         let t = Instant::now();
         let g = Gallery::open(&path, MODEL, DIM, Arc::new(Metrics::new()))?;
         times.push(t.elapsed().as_secs_f64());
         let faces = g.counts().faces;
         anyhow::ensure!(faces == n, "loaded {faces} faces, expected {n}");
     }
-    times.sort_by(f64::total_cmp);
-    let load_s = times[1];
+    for t in [
+        &mut times,
+        &mut read_times,
+        &mut spill_times,
+        &mut build_times,
+    ] {
+        t.sort_by(f64::total_cmp);
+    }
+    let (load_s, read_s, spill_s) = (times[1], read_times[1], spill_times[1]);
+    let build_s = build_times[1];
     eprintln!(
-        "gallery load    n={n:>8}  {load_s:6.2} s median of 3 ({:.0} faces/s, file {:.0} MiB, page cache warm; runs {times:.2?})",
+        "gallery load    n={n:>8}  {load_s:6.2} s median of 3 ({:.0} faces/s, file {:.0} MiB, page cache warm; runs {times:.2?}); \
+         alone: SQLite read {read_s:.2} s, index build {build_s:.2} s, spill write {spill_s:.2} s",
         n as f64 / load_s,
         file_bytes as f64 / 1048576.0
     );
-    Ok(
-        serde_json::json!({ "n": n, "load_s": load_s, "load_runs_s": times, "file_bytes": file_bytes, "write_s": write_s }),
-    )
+    Ok(serde_json::json!({
+        "n": n, "load_s": load_s, "load_runs_s": times, "file_bytes": file_bytes, "write_s": write_s,
+        "sqlite_read_alone_s": read_s, "index_build_alone_s": build_s, "spill_write_alone_s": spill_s,
+    }))
+}
+
+/// The SQLite part of a load without the index: the same statements, every
+/// id parsed and every blob byte touched.
+fn read_rows_alone(path: &Path) -> anyhow::Result<()> {
+    let conn = sqlite::open(path)?;
+    let mut n = 0usize;
+    let mut stmt = conn.prepare("SELECT id, name FROM subjects ORDER BY seq")?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let id = Uuid::parse_str(row.get_ref(0)?.as_str()?)?;
+        let name: String = row.get(1)?;
+        n += usize::from(id.as_bytes()[0]) + name.len();
+    }
+    let mut stmt = conn.prepare(
+        "SELECT id, subject_id, model = ?1, CASE WHEN model = ?1 THEN embedding END FROM faces",
+    )?;
+    let mut rows = stmt.query([MODEL])?;
+    let mut buf = Vec::with_capacity(DIM * 4);
+    while let Some(row) = rows.next()? {
+        let f = Uuid::parse_str(row.get_ref(0)?.as_str()?)?;
+        let s = Uuid::parse_str(row.get_ref(1)?.as_str()?)?;
+        buf.clear();
+        buf.extend_from_slice(row.get_ref(3)?.as_blob()?);
+        n += usize::from(f.as_bytes()[0] ^ s.as_bytes()[0]) + usize::from(buf[buf.len() - 1]);
+    }
+    std::hint::black_box(n);
+    Ok(())
+}
+
+/// The index's part of a load without SQLite or the spill write: `n`
+/// subjects, then `n` faces in the load's batches (one batch of vectors
+/// repeated; the ids are made before the clock starts). Returns seconds.
+fn build_index_alone(n: usize) -> anyhow::Result<f64> {
+    let subjects: Vec<(Uuid, String)> = (0..n)
+        .map(|i| (Uuid::new_v4(), format!("subject {i}")))
+        .collect();
+    let faces: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
+    let mut rng = Rng(0xB111D);
+    let mut v = vec![0f32; DIM];
+    let vectors: Vec<Vec<u8>> = (0..BATCH_ROWS)
+        .map(|_| {
+            rng.unit(&mut v);
+            v.iter().flat_map(|x| x.to_le_bytes()).collect()
+        })
+        .collect();
+    let t = Instant::now();
+    let mut index = Index::try_with_capacity(DIM, n, n)?;
+    let mut batch = FaceBatch::with_capacity(BATCH_ROWS, DIM);
+    for (id, name) in subjects.iter().cloned() {
+        index.add_subject(id, name);
+    }
+    for (i, f) in faces.iter().enumerate() {
+        batch.push(*f, subjects[i].0, &vectors[i % BATCH_ROWS]);
+        if batch.len() == BATCH_ROWS || i + 1 == n {
+            let (_, refused) = index.add_batch(&mut batch);
+            anyhow::ensure!(refused == 0, "{refused} faces refused");
+            batch.clear();
+        }
+    }
+    let s = t.elapsed().as_secs_f64();
+    anyhow::ensure!(index.faces() == n, "built {} faces", index.faces());
+    Ok(s)
+}
+
+/// The spill file's part of a load without the index: `bytes` written to an
+/// unlinked file in the temporary folder, 2 MiB at a time, as the load does.
+fn write_spill_alone(bytes: usize) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let path = std::env::temp_dir().join(format!("mobiface-bench-spill-{}", std::process::id()));
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    std::fs::remove_file(&path)?;
+    let chunk = vec![1u8; 2 << 20];
+    let mut at = 0;
+    while at < bytes {
+        let m = chunk.len().min(bytes - at);
+        file.write_all_at(&chunk[..m], at as u64)?;
+        at += m;
+    }
+    Ok(())
 }
 
 fn run(a: &Args) -> anyhow::Result<()> {

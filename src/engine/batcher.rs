@@ -50,6 +50,8 @@ pub struct BatchStats {
 struct State {
     jobs: VecDeque<Job>,
     closed: bool,
+    /// Workers waiting for work right now.
+    idle: usize,
 }
 
 pub struct Queue {
@@ -65,6 +67,7 @@ impl Queue {
             state: Mutex::new(State {
                 jobs: VecDeque::new(),
                 closed: false,
+                idle: 0,
             }),
             ready: Condvar::new(),
             capacity: capacity.max(1),
@@ -102,6 +105,21 @@ impl Queue {
         Ok(())
     }
 
+    /// Into how many jobs to cut a request of `images` images: one per idle
+    /// worker when nothing else is waiting, else one. A lone face and its
+    /// mirror then run on two cores at once (each worker runs one intra-op
+    /// thread, the layout that wins under load), so a single caller gets the
+    /// latency of a two-threaded run; under load nothing is cut and each run
+    /// keeps the cheaper batch of two.
+    pub fn spread(&self, images: usize) -> usize {
+        let st = self.lock();
+        if st.jobs.is_empty() {
+            st.idle.clamp(1, images.max(1))
+        } else {
+            1
+        }
+    }
+
     pub fn close(&self) {
         self.lock().closed = true;
         self.ready.notify_all();
@@ -116,14 +134,18 @@ impl Queue {
             if st.closed {
                 return None;
             }
+            st.idle += 1;
             st = self.ready.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.idle -= 1;
         }
         let mut batch = Vec::new();
         let mut images = 0;
         let deadline = Instant::now() + cfg.max_delay;
         loop {
             while let Some(front) = st.jobs.front() {
-                if !batch.is_empty() && images + front.images > cfg.max_batch {
+                // An idle worker runs the next job beside this one, sooner than a
+                // merged batch would (the parts `spread` cut rely on it).
+                if !batch.is_empty() && (images + front.images > cfg.max_batch || st.idle > 0) {
                     break;
                 }
                 images += front.images;
@@ -321,6 +343,49 @@ mod tests {
             self.queue.close();
             handle.join().unwrap();
             self.sizes.lock().unwrap().clone()
+        }
+    }
+
+    #[test]
+    fn a_lone_request_is_spread_over_the_idle_workers_only() {
+        let h = Harness::new(2, Duration::ZERO, 16);
+        assert_eq!(h.queue.spread(2), 1, "no worker is idle");
+        let workers = [h.run(), h.run()];
+        let start = Instant::now();
+        while h.queue.lock().idle < 2 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "workers never went idle"
+            );
+            std::thread::yield_now();
+        }
+        assert_eq!(h.queue.spread(2), 2);
+        assert_eq!(h.queue.spread(16), 2, "never more parts than idle workers");
+        assert_eq!(h.queue.spread(1), 1, "never more parts than images");
+        // Two parts run on the two workers, not merged into one batch.
+        let (a, ra) = job(1.0, 1);
+        let (b, rb) = job(2.0, 1);
+        // Both waiting before any worker wakes: one worker could take both.
+        h.queue.lock().jobs.extend([a, b]);
+        h.queue.ready.notify_all();
+        assert_eq!(ra.blocking_recv().unwrap().unwrap(), vec![1.0, 1.0]);
+        assert_eq!(rb.blocking_recv().unwrap().unwrap(), vec![2.0, 2.0]);
+        assert_eq!(*h.sizes.lock().unwrap(), vec![1, 1]);
+        while h.queue.lock().idle < 2 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "workers never went idle"
+            );
+            std::thread::yield_now();
+        }
+        // Work already waiting: the idle workers are about to take it.
+        let (waiting, _rx) = job(1.0, 2);
+        h.queue.lock().jobs.push_back(waiting);
+        assert_eq!(h.queue.spread(2), 1);
+        h.queue.lock().jobs.clear();
+        h.queue.close();
+        for w in workers {
+            w.join().unwrap();
         }
     }
 

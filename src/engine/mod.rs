@@ -177,8 +177,9 @@ impl Engine {
     }
 
     /// Embeds 112x112 faces: one L2-normalised vector per face. With `flip`,
-    /// each face runs beside its mirror in the same batch and the two raw
-    /// features are averaged before normalising (Flipped-MobiFace).
+    /// each face runs beside its mirror (in one batch, unless idle workers take
+    /// one each) and the two raw features are averaged before normalising
+    /// (Flipped-MobiFace).
     pub async fn embed(&self, faces: Vec<RgbImage>, flip: bool) -> Result<Vec<Vec<f32>>, ApiError> {
         if faces.is_empty() {
             return Ok(Vec::new());
@@ -205,17 +206,32 @@ impl Engine {
                 );
             }
         }
-        let (tx, rx) = oneshot::channel();
-        self.inner.queue.push(Job {
-            input,
-            images,
-            enqueued: Instant::now(),
-            reply: tx,
-            span: tracing::Span::current(),
-        })?;
-        let raw = rx
-            .await
-            .map_err(|_| ApiError::new(ErrorKind::Unavailable, "the inference engine stopped"))??;
+        // Cut into contiguous runs of images: the answers concatenate back in order.
+        let parts = self.inner.queue.spread(images);
+        let per = images.div_ceil(parts);
+        let mut replies = Vec::with_capacity(parts);
+        let chunks = if parts == 1 {
+            vec![input]
+        } else {
+            input.chunks(per * IMAGE_LEN).map(<[f32]>::to_vec).collect()
+        };
+        for chunk in chunks {
+            let (tx, rx) = oneshot::channel();
+            self.inner.queue.push(Job {
+                images: chunk.len() / IMAGE_LEN,
+                input: chunk,
+                enqueued: Instant::now(),
+                reply: tx,
+                span: tracing::Span::current(),
+            })?;
+            replies.push(rx);
+        }
+        let mut raw = Vec::with_capacity(images * info.dim);
+        for rx in replies {
+            raw.extend(rx.await.map_err(|_| {
+                ApiError::new(ErrorKind::Unavailable, "the inference engine stopped")
+            })??);
+        }
         self.inner.metrics.faces_embedded.inc_by(faces.len() as u64);
         Ok(raw
             .chunks_exact(info.dim * copies)

@@ -18,7 +18,7 @@ use tokio_postgres::{AsyncMessage, Client, NoTls};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::index::Index;
+use super::index::{FaceBatch, Index, BATCH_ROWS};
 use super::mirror::Mirror;
 use super::postgres::{pg_err, snapshot, CHANNEL};
 use super::sqlite::decode_into;
@@ -393,17 +393,30 @@ impl Follower {
             .await
             .map_err(pg_err)?;
         futures::pin_mut!(rows);
-        let mut buf = Vec::with_capacity(dim);
+        // The start-up path SQLite takes too (without its threads: rows
+        // arrive from the network here): whole batches into the index, each
+        // one spill write.
+        let mut batch = FaceBatch::with_capacity(BATCH_ROWS, dim);
+        let add = |index: &mut Index, batch: &mut FaceBatch| -> Result<u64> {
+            let refused = index.add_batch_written(batch).map_err(|e| {
+                GalleryError::Internal(
+                    anyhow::Error::from(e).context("cannot write the index's spill file"),
+                )
+            })?;
+            batch.clear();
+            Ok(refused as u64)
+        };
         while let Some(r) = rows.next().await {
             let r = r.map_err(pg_err)?;
-            let blob: &[u8] = r.get(2);
-            buf.clear();
-            decode_into(blob, &mut buf);
             let (fid, sid): (Uuid, Uuid) = (r.get(0), r.get(1));
-            if blob.len() != dim * 4 || !index.add_face(fid, &sid, &buf) {
+            if !batch.push(fid, sid, r.get(2)) {
                 report.faces_malformed += 1;
             }
+            if batch.len() == BATCH_ROWS {
+                report.faces_malformed += add(&mut index, &mut batch)?;
+            }
         }
+        report.faces_malformed += add(&mut index, &mut batch)?;
         tx.commit().await.map_err(pg_err)?;
         report.subjects = index.subjects();
         report.faces = index.faces();

@@ -5,7 +5,7 @@
 //! disagree about the order of writes.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use uuid::Uuid;
 
-use super::index::Index;
+use super::index::{FaceBatch, Index, BATCH_ROWS};
 use super::mirror::Mirror;
 use super::store::{Change, Store};
 use super::{FaceInfo, GalleryError, LoadReport, Result, Subject, SubjectDetail};
@@ -125,9 +125,19 @@ pub fn decode_into(blob: &[u8], out: &mut Vec<f32>) {
     );
 }
 
-/// Builds the index in one streaming pass over `faces`: rows of `model` are
-/// decoded straight into the matrix; other models' rows are only counted (their
-/// blobs are not even read, thanks to the CASE).
+/// Batches in flight between the stages of a start-up load.
+const LOAD_BATCHES: usize = 8;
+
+/// What the reading stage hands the building one, in table order.
+enum Load {
+    Subjects(Vec<(Uuid, String)>),
+    Faces(FaceBatch),
+}
+
+/// Builds the index in one streaming pass over `subjects` and `faces`: rows
+/// of `model` go to the index as stored (the blob is already the spill file's
+/// layout); other models' rows are only counted (their blobs are not even
+/// read, thanks to the CASE).
 pub fn load_index(
     conn: &Connection,
     model: &str,
@@ -140,25 +150,104 @@ pub fn load_index(
         |r| r.get(0),
     )?;
     let n_subjects: i64 = conn.query_row("SELECT count(*) FROM subjects", [], |r| r.get(0))?;
-    let mut index =
-        Index::try_with_capacity(dim, n_faces.max(0) as usize, n_subjects.max(0) as usize)
-            .context("cannot create the index's spill file in the temporary folder")?;
+    let index = Index::try_with_capacity(dim, n_faces.max(0) as usize, n_subjects.max(0) as usize)
+        .context("cannot create the index's spill file in the temporary folder")?;
     let mut report = LoadReport::default();
 
+    // Three stages on their own threads, so they share the cores: this one
+    // steps SQLite, a second builds the index, a third writes the vectors to
+    // the spill file (the largest single cost: 2 GiB copied into the page
+    // cache at 1M faces). Batches travel round the ring and are reused.
+    let (full_tx, full_rx) = mpsc::sync_channel::<Load>(LOAD_BATCHES);
+    let (built_tx, built_rx) = mpsc::sync_channel::<(u32, FaceBatch)>(LOAD_BATCHES);
+    let (empty_tx, empty_rx) = mpsc::channel::<FaceBatch>();
+    for _ in 0..LOAD_BATCHES {
+        let _ = empty_tx.send(FaceBatch::with_capacity(BATCH_ROWS, dim));
+    }
+    let spill = index.spill_writer();
+    let (written, built, read) = std::thread::scope(|s| {
+        let writer = s.spawn(move || -> std::io::Result<()> {
+            for (at, mut batch) in built_rx {
+                spill.write(at, &batch)?;
+                batch.clear();
+                // The reader may have finished and gone: nothing to refill.
+                let _ = empty_tx.send(batch);
+            }
+            Ok(())
+        });
+        let builder = s.spawn(move || {
+            let mut index = index;
+            let mut refused = 0;
+            for load in full_rx {
+                match load {
+                    Load::Subjects(subjects) => {
+                        for (id, name) in subjects {
+                            index.add_subject(id, name);
+                        }
+                    }
+                    Load::Faces(mut batch) => {
+                        let (at, r) = index.add_batch(&mut batch);
+                        refused += r;
+                        if built_tx.send((at, batch)).is_err() {
+                            break; // the writer failed; its error is reported
+                        }
+                    }
+                }
+            }
+            (index, refused)
+        });
+        // Runs until done or until the builder stops taking batches.
+        let read = read_rows(conn, model, &full_tx, &empty_rx, &mut report);
+        drop(full_tx);
+        let panicked = |_| anyhow::anyhow!("an index load thread panicked");
+        let built = builder.join().map_err(panicked);
+        (writer.join().map_err(panicked), built, read)
+    });
+    written?.context("cannot write the index's spill file")?;
+    let (index, refused) = built?;
+    read?;
+    report.faces_malformed += refused as u64;
+    report.subjects = index.subjects();
+    report.faces = index.faces();
+    report.elapsed = start.elapsed();
+    Ok((index, report))
+}
+
+/// The reading stage of `load_index`. `Ok` also when a later stage hung up
+/// early; the caller then reports that stage's error.
+fn read_rows(
+    conn: &Connection,
+    model: &str,
+    to_builder: &mpsc::SyncSender<Load>,
+    empty: &mpsc::Receiver<FaceBatch>,
+    report: &mut LoadReport,
+) -> anyhow::Result<()> {
     let mut stmt = conn.prepare("SELECT id, name FROM subjects ORDER BY seq")?;
     let mut rows = stmt.query([])?;
+    let mut subjects = Vec::with_capacity(BATCH_ROWS);
     while let Some(row) = rows.next()? {
         let id: String = row.get(0)?;
         let id =
             Uuid::parse_str(&id).with_context(|| format!("subject id {id:?} is not a UUID"))?;
-        index.add_subject(id, row.get(1)?);
+        subjects.push((id, row.get(1)?));
+        if subjects.len() == BATCH_ROWS {
+            let full = std::mem::replace(&mut subjects, Vec::with_capacity(BATCH_ROWS));
+            if to_builder.send(Load::Subjects(full)).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    if to_builder.send(Load::Subjects(subjects)).is_err() {
+        return Ok(());
     }
 
     let mut stmt = conn.prepare(
         "SELECT id, subject_id, model = ?1, CASE WHEN model = ?1 THEN embedding END FROM faces",
     )?;
     let mut rows = stmt.query([model])?;
-    let mut buf = Vec::with_capacity(dim);
+    let Ok(mut batch) = empty.recv() else {
+        return Ok(());
+    };
     while let Some(row) = rows.next()? {
         let ours: bool = row.get(2)?;
         if !ours {
@@ -168,17 +257,25 @@ pub fn load_index(
         let blob = row.get_ref(3)?.as_blob()?;
         let fid = Uuid::parse_str(row.get_ref(0)?.as_str()?);
         let sid = Uuid::parse_str(row.get_ref(1)?.as_str()?);
-        buf.clear();
-        decode_into(blob, &mut buf);
         match (fid, sid) {
-            (Ok(fid), Ok(sid)) if blob.len() == dim * 4 && index.add_face(fid, &sid, &buf) => {}
+            // `push` refuses a blob that is not `dim` floats.
+            (Ok(fid), Ok(sid)) if batch.push(fid, sid, blob) => {}
             _ => report.faces_malformed += 1,
         }
+        if batch.len() == BATCH_ROWS {
+            let Ok(next) = empty.recv() else {
+                return Ok(());
+            };
+            if to_builder
+                .send(Load::Faces(std::mem::replace(&mut batch, next)))
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
     }
-    report.subjects = index.subjects();
-    report.faces = index.faces();
-    report.elapsed = start.elapsed();
-    Ok((index, report))
+    let _ = to_builder.send(Load::Faces(batch));
+    Ok(())
 }
 
 fn subject_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, Subject)> {

@@ -342,6 +342,50 @@ async fn identify_equals_naive_scan_of_stored_embeddings() {
     }
 }
 
+#[test]
+fn start_up_load_counts_malformed_rows_and_loads_the_rest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("g.db");
+    let mut rng = StdRng::seed_from_u64(12);
+    let s = Uuid::new_v4();
+    // More than two load batches, the last one partial.
+    let faces: Vec<(Uuid, Uuid, Vec<f32>, &str)> = (0..2 * index::BATCH_ROWS + 5)
+        .map(|_| (Uuid::new_v4(), s, unit(&mut rng), MODEL))
+        .collect();
+    let short = (Uuid::new_v4(), s, unit(&mut rng)[..DIM - 1].to_vec(), MODEL);
+    let mut rows = faces.clone();
+    rows.insert(700, short);
+    raw_insert(&path, &[s], &rows);
+    let conn = sqlite::open(&path).expect("open");
+    conn.execute(
+        "UPDATE faces SET id = 'not-a-uuid' WHERE id = ?1",
+        [faces[1500].0.to_string()],
+    )
+    .expect("corrupt an id");
+    let (idx, report) = sqlite::load_index(&conn, MODEL, DIM).expect("load");
+    assert_eq!(report.faces_malformed, 2);
+    assert_eq!((report.faces, report.subjects), (faces.len() - 1, 1));
+    assert!(!idx.has_face(&faces[1500].0));
+    let want: Vec<_> = faces
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 1500)
+        .map(|(_, (f, s, v, _))| (*f, *s, v.clone()))
+        .collect();
+    for _ in 0..5 {
+        let q = unit(&mut rng);
+        let got = idx.search(&q, 1, -1.0);
+        let best = want
+            .iter()
+            .max_by(|a, b| index::dot(&a.2, &q).total_cmp(&index::dot(&b.2, &q)))
+            .expect("faces");
+        assert_eq!(
+            (got[0].face_id, got[0].similarity),
+            (best.0, index::dot(&best.2, &q))
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_model_faces_are_counted_but_never_searched() {
     let dir = tempfile::tempdir().expect("tempdir");

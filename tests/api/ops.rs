@@ -84,7 +84,8 @@ async fn metrics_move_with_traffic() {
     let batches = metric(&after, "mobiface_batch_size_count", &[]).unwrap() - batches_before;
     let faces = metric(&after, "mobiface_faces_embedded_total", &[]).unwrap() - faces_before;
     assert!(batches >= 1.0, "batch histogram count did not rise");
-    assert!(batches <= 12.0, "more model runs ({batches}) than requests");
+    // A face and its mirror may run apart when workers are idle (Queue::spread).
+    assert!(batches <= 24.0, "more model runs ({batches}) than images");
     assert_eq!(faces, 12.0, "faces embedded");
     // Each face runs with its mirror: the batch sizes sum to twice the faces.
     let sum = |t: &str| metric(t, "mobiface_batch_size_sum", &[]).unwrap();
@@ -93,7 +94,14 @@ async fn metrics_move_with_traffic() {
     let runs = |t: &str| metric(t, "mobiface_inference_duration_seconds_count", &[]).unwrap();
     assert_eq!(runs(&after) - runs(&before), batches);
     let waits = |t: &str| metric(t, "mobiface_queue_wait_seconds_count", &[]).unwrap();
-    assert_eq!(waits(&after) - waits(&before), 12.0);
+    // One wait per queued job: each request is one job, or two when cut across idle workers,
+    // and every run takes at least one job.
+    let jobs = waits(&after) - waits(&before);
+    assert!(
+        (12.0..=24.0).contains(&jobs),
+        "{jobs} queued jobs for 12 requests"
+    );
+    assert!(batches <= jobs, "{batches} runs for {jobs} jobs");
     assert_eq!(
         metric(&after, "mobiface_queue_depth", &[]),
         Some(0.0),
