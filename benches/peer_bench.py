@@ -5,7 +5,9 @@ Starts the service (one process per engine layout given with --service) and
 the peer, both on the same model file and thread count, drives each with the
 same closed-loop load generator (examples/loadgen.rs), interleaving service and
 peer case by case so drift in the machine's load hits both, and prints
-faces/s, p50 and p99 per case, the peak RSS of each server, and the ratios.
+faces/s, p50 and p99 per case, the CPU cores each server kept busy during it (user +
+system time over wall time: under --busy, the share of the CPU it won), the peak RSS of
+each server, and the ratios.
 Then times raw onnxruntime on the same file (images/s at batch 1, 2 and 8 on 1
 and 2 threads), so the service's overhead over the bare model is a number.
 With --busy, a CPU-bound process runs beside everything (one core's worth).
@@ -73,7 +75,22 @@ class Server:
         return rss
 
 
-def load(a, url, callers, faces):
+def cpu_seconds(pid):
+    """User + system CPU time of a process, all its threads (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load(a, server, callers, faces):
+    cpu0, t0 = cpu_seconds(server.proc.pid), time.monotonic()
+    r = run_loadgen(a, server.url, callers, faces)
+    # cores the server kept busy while loaded: under --busy, how much of the CPU it won
+    r["cores"] = (cpu_seconds(server.proc.pid) - cpu0) / (time.monotonic() - t0)
+    return r
+
+
+def run_loadgen(a, url, callers, faces):
     out = subprocess.run(
         [a.loadgen, "--url", url, "--callers", str(callers), "--faces", str(faces),
          "--seconds", str(a.seconds), "--crops", a.crops],
@@ -150,7 +167,7 @@ def main():
                 # Alternate who goes first so a trend in the machine's load favours neither.
                 order = servers if (f + c) % 2 else servers[::-1]
                 for s in order:
-                    results[s.name][(c, f)] = load(a, s.url, c, f)
+                    results[s.name][(c, f)] = load(a, s, c, f)
                 line = "  ".join(f"{s.name}: {results[s.name][(c, f)]['faces_per_s']:.1f}" for s in servers)
                 print(f"  {c:>2} callers x {f} faces: {line} faces/s", file=sys.stderr)
         rss = {s.name: s.stop() for s in servers}
@@ -178,7 +195,7 @@ def main():
     print(f"/embed, closed loop, {a.seconds:g} s per case, aligned LFW crops, flip on; peer: FastAPI + "
           f"onnxruntime, {a.threads} intra-op threads; load: {'a CPU-bound process beside it' if a.busy else 'no other process of ours'}")
     print(f"{'server':<44} {'callers':>7} {'faces/req':>9} {'faces/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'x peer faces/s':>14} {'x peer p99':>10}")
+          f"{'cores':>6} {'x peer faces/s':>14} {'x peer p99':>10}")
     for f in faces:
         for c in callers:
             base = results["peer"][(c, f)]
@@ -187,7 +204,7 @@ def main():
                 rel = "" if s == "peer" else (f"{ratio(r['faces_per_s'], base['faces_per_s'], 14)} "
                                               f"{ratio(r['p99_ms'], base['p99_ms'], 10)}")
                 print(f"{s:<44} {c:>7} {f:>9} {num(r['faces_per_s'], '8.1f')} {num(r['p50_ms'], '8.1f')} "
-                      f"{num(r['p99_ms'], '8.1f')} {rel}")
+                      f"{num(r['p99_ms'], '8.1f')} {num(r.get('cores'), '6.2f')} {rel}")
     print()
     print("peak RSS (VmHWM): " + "; ".join(f"{n} {v:.0f} MiB" + ("" if n == "peer" else f" ({v / rss['peer']:.2f}x peer)")
                                            for n, v in rss.items()))
