@@ -186,9 +186,13 @@ def validate(args) -> int:
         pairs = s.val_pairs()
         need = np.unique([i for a, b, _ in pairs for i in (a, b)])
         for how in ("edgeface", "sface", "concat"):
-            feats, have = s.target(how)
-            if not have[need].all():
-                raise SystemExit(f"{s.name}: {how} targets of the validation crops missing: run targets.py")
+            parts = ("edgeface", "sface") if how == "concat" else (how,)
+            if not all(s.done(k)[need].all() for k in parts):
+                # e.g. lfwdet, whose SFace targets `make train` does not compute
+                print(f"{s.name} {how}: targets of the validation crops not computed "
+                      f"(models/targets.py --sets {s.name} --teachers {','.join(parts)}); skipped", file=sys.stderr)
+                continue
+            feats, _ = s.target(how)
             for view in ("flip", "single"):
                 acc, tar2, tar3 = targets.pair_metrics(targets.view_features(feats, view), pairs)
                 rows.append((s.name, how, view, len(pairs), acc, tar2, tar3))
