@@ -173,6 +173,15 @@ train: venv-train venv align
 		--init models/cache/init-1.4.0.pt --threads $(TRAIN_THREADS) --batch 32 --lr 1e-3 --total-steps 10000 \
 		--budget-minutes $(TRAIN_MINUTES) --val-every-min 20 --out models/checkpoints/v2 $(TRAIN_ARGS)
 
+## Ship a 2.0 checkpoint that beat 1.4.0 on validation: export it (version, data, teacher and
+## licence metadata from the checkpoint) and calibrate its thresholds on the eval pairs. Each
+## calibration is a look at eval: the model card counts them.
+V2_CHECKPOINT ?= models/checkpoints/mobiface2.pt
+V2_VERSION ?= 2.0.0
+export-2.0: venv-train venv
+	$(VENV_TRAIN)/bin/python models/export.py --checkpoint $(V2_CHECKPOINT) --version $(V2_VERSION) --output models/mobiface.onnx
+	$(VENV)/bin/python models/calibrate.py --model models/mobiface.onnx --write
+
 ## Retrain MobiFace 1.4.0 (the shipped file): teacher embeddings; a first stage from scratch without
 ## CosFace, the teacher scoring each augmented view and blends of two crops (function matching);
 ## then a fine-tune with CosFace on the cached targets whose averaged weights (SWA) are exported.

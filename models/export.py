@@ -41,6 +41,53 @@ UTK_DATA = ("; plus unlabeled UTKFace crops (../shared/faces-extra/utkface-align
             "in the two distillation terms only (train.py --utk)")
 UTK_LICENCE = ("Trained partly on UTKFace crops, which are provided for non-commercial research "
                "purposes only; these weights inherit that restriction.")
+# 2.0 (a train.py --sets resume checkpoint): what each set is, and the terms it carries
+SET_DATA = {
+    "lfw": "LFW train split (../shared/lfw/train-aligned, dlib-aligned 112x112 crops; identities disjoint from the eval pairs)",
+    "lfwdet": "the same LFW train photos detected and aligned by the service's own YuNet pipeline (`mobiface align`)",
+    "celeba": "CelebA crops (../shared/faces-extra/celeba-aligned, 223 identities)",
+    "glint": "Glint360K crops (../shared/faces-extra/glint-sample, 20 identities)",
+    "utk": "unlabeled UTKFace crops (../shared/faces-extra/utkface-aligned, about 20k faces; distillation only)",
+}
+SET_TERMS = {"utk": "UTKFace", "celeba": "CelebA", "glint": "Glint360K"}
+TEACHERS = {
+    "edgeface": "EdgeFace-XS (Idiap, BSD-3-Clause weights, trained on WebFace12M)",
+    "sface": "OpenCV Zoo SFace (Apache-2.0)",
+    "concat": "EdgeFace-XS (BSD-3-Clause, trained on WebFace12M) and OpenCV Zoo SFace (Apache-2.0), concatenated",
+}
+
+
+def v2_training_data(st: dict) -> str:
+    return ("; ".join(SET_DATA[s] for s in st["sets"])
+            + "; minus held-out LFW train and CelebA identities used for model selection")
+
+
+def v2_objective(st: dict) -> str:
+    a = st["args"]
+    return (f"Flipped-MobiFace distillation from {TEACHERS[st['teacher']]}, targets of each crop and of its "
+            "mirror, each L2-normalised: per-view l2 loss ||P e + b - t_view||^2 on each single view (weight "
+            f"{a.get('w_view', 8):g}) and the paper's l2 loss on the flip-averaged feature against the "
+            f"teacher's flip-averaged one (weight {a['w_kd']:g}), P a training-only projection; relational "
+            f"cosine distillation ({a['w_rel']:g}); CosFace (s=32, m=0.25; {a['w_ce']:g}) over training "
+            "identities with >= 2 distinct photos, on each view and the average; started from MobiFace 1.4.0")
+
+
+def v2_licence(st: dict) -> str:
+    data = [SET_TERMS[s] for s in st["sets"] if s in SET_TERMS]
+    return ("Non-commercial research use only. The weights inherit the terms of their training data ("
+            + ", ".join(data) + (" are" if len(data) > 1 else " is")
+            + " for non-commercial research only) and of their teacher's training data (WebFace12M, "
+            "research only). LFW is research data without a formal licence.")
+
+
+def v2_training_time(st: dict) -> str:
+    s = st["sessions"]
+    devices = sorted({x["device"] for x in s})
+    return (f"{sum(x['minutes'] for x in s):.0f} min in {len(s)} sessions on {', '.join(devices)}: "
+            f"{st['step']:,} steps of {st['args']['batch']} faces and their mirrors "
+            f"({st['images_seen']:,} images), from MobiFace 1.4.0 ({training_time(st['init'])})"
+            + (f"; weights {st['interpolated']['weight']:g} x this run's + {1 - st['interpolated']['weight']:g} x "
+               "1.4.0's, BatchNorm recomputed (models/soup.py --weights)" if st.get("interpolated") else ""))
 
 
 def build_model(head: str, state: dict | None, seed: int) -> MobiFace:
@@ -79,6 +126,38 @@ def used_utk(st: dict) -> bool:
     if st.get("from_onnx"):
         return "UTKFace" in st["from_onnx"]["meta"].get("mobiface.training_data", "")
     return bool(st.get("args", {}).get("utk")) or (bool(st.get("init")) and used_utk(st["init"]))
+
+
+def describe_v1(meta: dict, state: dict, args) -> None:
+    """1.x metadata: a train.py checkpoint chain (dlib teacher)."""
+    meta["mobiface.training_data"] = args.training_data or TRAINING_DATA + (UTK_DATA if used_utk(state) else "")
+    meta["mobiface.objective"] = args.objective or OBJECTIVE
+    run_args = state.get("args", {})
+    if run_args.get("mix_ratio", 0) > 0 and not args.objective:
+        meta["mobiface.objective"] += (
+            f"; plus mixup views of two training crops (teacher.py lfw-mix, {run_args['mix_ratio']:g} per "
+            "crop per epoch) distilled against the teacher's feature of the same view, with no identity loss")
+    if state.get("swa_snapshots") and not args.objective:
+        meta["mobiface.objective"] += (
+            f"; fine-tuned at a constant learning rate "
+            f"({run_args.get('lr'):g}), weights averaged over {state['swa_snapshots']} snapshots (SWA)")
+    first = first_stage(state)
+    if first.get("online_teacher") and not args.objective:
+        meta["mobiface.objective"] += (
+            "; first stage" + (" without CosFace" if first.get("w_ce") == 0 else "")
+            + ", its targets computed by the teacher's PyTorch port "
+            "(models/teacher_torch.py) on each augmented view and its mirror (function matching)"
+            + (f", {first['fm_mix']:g} of each batch blended with another crop" if first.get("fm_mix") else ""))
+    if "w_kd" in run_args and not args.objective:
+        # runs differ in these (a fine-tune may drop CosFace or add mirror consistency);
+        # runs from before --w-flip existed had no consistency term
+        meta["mobiface.objective"] += (
+            f"; loss weights of the last stage: l2 {run_args['w_kd']:g}, relational "
+            f"{run_args['w_rel']:g}, CosFace {run_args['w_ce']:g}, mirror consistency "
+            f"||f(I)/|f(I)| - f(mirror I)/|f(mirror I)|||^2 {run_args.get('w_flip') or 0:g}")
+    meta["mobiface.training_time"] = training_time(state)
+    if "utk" in meta["mobiface.training_data"].lower():
+        meta["mobiface.licence"] = UTK_LICENCE
 
 
 def calibrate_batchnorm(model: MobiFace, seed: int, batches: int = 8) -> None:
@@ -197,34 +276,13 @@ def main(argv: list[str] | None = None) -> int:
             meta["mobiface.threshold_far_1e-2"] = str(args.threshold_far_1e_2)
         if args.threshold_far_1e_3 is not None:
             meta["mobiface.threshold_far_1e-3"] = str(args.threshold_far_1e_3)
-        meta["mobiface.training_data"] = args.training_data or TRAINING_DATA + (UTK_DATA if used_utk(state) else "")
-        meta["mobiface.objective"] = args.objective or OBJECTIVE
-        run_args = state.get("args", {})
-        if run_args.get("mix_ratio", 0) > 0 and not args.objective:
-            meta["mobiface.objective"] += (
-                f"; plus mixup views of two training crops (teacher.py lfw-mix, {run_args['mix_ratio']:g} per "
-                "crop per epoch) distilled against the teacher's feature of the same view, with no identity loss")
-        if state.get("swa_snapshots") and not args.objective:
-            meta["mobiface.objective"] += (
-                f"; fine-tuned at a constant learning rate "
-                f"({run_args.get('lr'):g}), weights averaged over {state['swa_snapshots']} snapshots (SWA)")
-        first = first_stage(state)
-        if first.get("online_teacher") and not args.objective:
-            meta["mobiface.objective"] += (
-                "; first stage" + (" without CosFace" if first.get("w_ce") == 0 else "")
-                + ", its targets computed by the teacher's PyTorch port "
-                "(models/teacher_torch.py) on each augmented view and its mirror (function matching)"
-                + (f", {first['fm_mix']:g} of each batch blended with another crop" if first.get("fm_mix") else ""))
-        if "w_kd" in run_args and not args.objective:
-            # runs differ in these (a fine-tune may drop CosFace or add mirror consistency);
-            # runs from before --w-flip existed had no consistency term
-            meta["mobiface.objective"] += (
-                f"; loss weights of the last stage: l2 {run_args['w_kd']:g}, relational "
-                f"{run_args['w_rel']:g}, CosFace {run_args['w_ce']:g}, mirror consistency "
-                f"||f(I)/|f(I)| - f(mirror I)/|f(mirror I)|||^2 {run_args.get('w_flip') or 0:g}")
-        meta["mobiface.training_time"] = training_time(state)
-        if "utk" in meta["mobiface.training_data"].lower():
-            meta["mobiface.licence"] = UTK_LICENCE
+        if "sets" in state:  # 2.0: the resume checkpoint says what trained it
+            meta["mobiface.training_data"] = args.training_data or v2_training_data(state)
+            meta["mobiface.objective"] = args.objective or v2_objective(state)
+            meta["mobiface.training_time"] = v2_training_time(state)
+            meta["mobiface.licence"] = v2_licence(state)
+        else:
+            describe_v1(meta, state, args)
     else:
         meta["mobiface.threshold"] = str(args.threshold if args.threshold is not None else 0.5)
         meta["mobiface.threshold_calibrated"] = "false"
