@@ -8,7 +8,7 @@ VENV := .venv
 VENV_TRAIN := .venv-train
 export ORT_DYLIB_PATH ?= $(abspath $(ORT_LIB))
 
-.PHONY: run test bench bench-venv align train train-1.4 ort detector detector-golden detector-compare venv venv-train lint fmt prometheus-tools teacher-torch postgres fuzz soak
+.PHONY: run test bench bench-venv align train export-2.0 train-1.4 ort detector detector-golden detector-compare venv venv-train lint fmt prometheus-tools teacher-torch postgres fuzz soak
 
 ## ONNX Runtime shared library, taken out of the PyPI wheel (the ort crate's own download cannot reach its host).
 ort: $(ORT_LIB)
