@@ -93,9 +93,11 @@ prometheus-tools:
 ## PostgreSQL 15 server binaries from Debian's package, for the replica tests and benchmark. The
 ## tests start (and stop) their own throwaway cluster from /usr/lib/postgresql/15/bin, as the
 ## `postgres` user the package creates, in a temporary folder on a loopback port; nothing here
-## starts a server.
+## starts a server. `openssl` (a dependency of the package, named for clarity) makes the cluster's
+## throwaway CA for the TLS tests.
 postgres:
-	@test -x /usr/lib/postgresql/15/bin/initdb || { $(APT_INSTALL) --no-install-recommends postgresql-15 >/dev/null; }
+	@test -x /usr/lib/postgresql/15/bin/initdb -a -x /usr/bin/openssl || \
+		{ $(APT_INSTALL) --no-install-recommends postgresql-15 openssl >/dev/null; }
 
 ## Serve on 127.0.0.1:8080 with models/mobiface.onnx and data/gallery.db.
 run: ort detector

@@ -145,7 +145,7 @@ pub fn redact_url(url: &str) -> String {
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct GalleryConfig {
     /// SQLite gallery file (its folder is created if missing), or a `postgres://` URL for a
-    /// gallery shared by several replicas.
+    /// gallery shared by several replicas (TLS: `?sslmode=verify-full&sslrootcert=CA.pem`).
     #[arg(long, env = "MOBIFACE_DATABASE", default_value = "data/gallery.db")]
     pub database: Database,
     /// PostgreSQL connections this replica may hold (besides its one change-log listener).

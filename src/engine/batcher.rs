@@ -352,13 +352,16 @@ mod tests {
         assert_eq!(h.queue.spread(2), 1, "no worker is idle");
         let workers = [h.run(), h.run()];
         let start = Instant::now();
-        while h.queue.lock().idle < 2 {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "workers never went idle"
-            );
-            std::thread::yield_now();
-        }
+        let both_idle = || {
+            while h.queue.lock().idle < 2 {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "workers never went idle"
+                );
+                std::thread::yield_now();
+            }
+        };
+        both_idle();
         assert_eq!(h.queue.spread(2), 2);
         assert_eq!(h.queue.spread(16), 2, "never more parts than idle workers");
         assert_eq!(h.queue.spread(1), 1, "never more parts than images");
@@ -371,13 +374,7 @@ mod tests {
         assert_eq!(ra.blocking_recv().unwrap().unwrap(), vec![1.0, 1.0]);
         assert_eq!(rb.blocking_recv().unwrap().unwrap(), vec![2.0, 2.0]);
         assert_eq!(*h.sizes.lock().unwrap(), vec![1, 1]);
-        while h.queue.lock().idle < 2 {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "workers never went idle"
-            );
-            std::thread::yield_now();
-        }
+        both_idle();
         // Work already waiting: the idle workers are about to take it.
         let (waiting, _rx) = job(1.0, 2);
         h.queue.lock().jobs.push_back(waiting);

@@ -476,6 +476,10 @@ pub struct Index {
     segments: Vec<Arc<Segment>>,
     rows: usize,
     row_of: HashMap<Uuid, u32>,
+    /// Wrapping sum of the indexed face ids (`Gallery::faces_digest`), kept as
+    /// rows come and go: `/readyz` reads it on every probe, and summing a
+    /// million ids there would cost each probe milliseconds under the lock.
+    id_sum: u128,
     /// Slab of subjects: a deleted subject leaves `None` and its slot is reused,
     /// so row -> slot links never need rewriting on subject deletes.
     subjects: Vec<Option<SubjectSlot>>,
@@ -528,6 +532,7 @@ impl Index {
             segments: Vec::with_capacity(faces.div_ceil(SEGMENT_ROWS)),
             rows: 0,
             row_of: HashMap::with_capacity(faces),
+            id_sum: 0,
             subjects: Vec::with_capacity(subjects),
             slot_of: HashMap::with_capacity(subjects),
             free_slots: Vec::new(),
@@ -597,9 +602,9 @@ impl Index {
         self.row_of.contains_key(id)
     }
 
-    /// Every indexed face id, in no particular order.
-    pub fn face_ids(&self) -> impl Iterator<Item = &Uuid> + '_ {
-        self.row_of.keys()
+    /// `super::faces_digest` of the indexed face ids.
+    pub fn faces_digest(&self) -> u128 {
+        self.id_sum
     }
 
     /// Current row of a face (rows move on deletes).
@@ -686,6 +691,7 @@ impl Index {
         seg.face_ids.push(face_id);
         self.max_scale = self.max_scale.max(scale);
         self.rows += 1;
+        self.id_sum = self.id_sum.wrapping_add(face_id.as_u128());
         if let Some(s) = self.subjects[slot as usize].as_mut() {
             if s.faces.is_empty() {
                 self.nonempty += 1;
@@ -797,6 +803,7 @@ impl Index {
         let Some(row) = self.row_of.remove(face_id) else {
             return false;
         };
+        self.id_sum = self.id_sum.wrapping_sub(face_id.as_u128());
         let (row, last, dim) = (row as usize, self.rows - 1, self.dim);
         let spill = {
             let (seg, i) = self.at(row);
@@ -990,6 +997,7 @@ impl Index {
         let rows: usize = self.segments.iter().map(|s| s.len()).sum();
         assert_eq!(rows, self.rows);
         assert_eq!(self.row_of.len(), self.rows);
+        assert_eq!(self.id_sum, super::faces_digest(self.row_of.keys()));
         for (n, seg) in self.segments.iter().enumerate() {
             assert!(seg.len() <= SEGMENT_ROWS);
             if n + 1 < self.segments.len() {

@@ -327,8 +327,7 @@ impl Gallery {
     /// operators and tests can compare replicas with each other and with the
     /// table without listing every face.
     pub fn faces_digest(&self) -> String {
-        let idx = self.mirror.read();
-        format!("{:032x}", faces_digest(idx.face_ids()))
+        format!("{:032x}", self.mirror.read().faces_digest())
     }
 
     /// Replication state, for `/readyz` (PostgreSQL only).

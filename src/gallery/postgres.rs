@@ -16,6 +16,7 @@
 //!   from one database sequence: replicas creating subjects at once never
 //!   collide, and a collision would be refused by the UNIQUE constraint.
 
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,7 +25,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
 use uuid::Uuid;
 
 use super::mirror::Mirror;
@@ -92,16 +94,123 @@ fn pool_err(e: PoolError) -> GalleryError {
     }
 }
 
-/// Parses the URL and sets what every connection of ours needs.
-pub fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
-    let mut cfg = tokio_postgres::Config::from_str(url)
-        .with_context(|| format!("bad PostgreSQL URL {}", redact_url(url)))?;
-    cfg.application_name("mobiface")
-        .connect_timeout(Duration::from_secs(5))
-        // A server that vanished without closing (network cut) is noticed.
-        .keepalives(true)
-        .keepalives_idle(Duration::from_secs(10));
-    Ok(cfg)
+/// How this replica reaches PostgreSQL: the parsed URL and the TLS connector
+/// that every connection (start-up, pool, change-log listener) uses.
+#[derive(Clone)]
+pub struct Pg {
+    pub config: tokio_postgres::Config,
+    pub tls: MakeRustlsConnect,
+}
+
+impl Pg {
+    /// Parses the URL and sets what every connection of ours needs.
+    ///
+    /// TLS follows libpq's URL parameters: `sslmode=require` (or `verify-ca`,
+    /// `verify-full`) encrypts every connection and verifies the server's
+    /// certificate and host name against the system's roots and the
+    /// `sslrootcert=FILE` CA bundle; `prefer` (libpq's default, which would
+    /// accept any certificate) and `disable` connect in plain text.
+    pub fn parse(url: &str) -> anyhow::Result<Pg> {
+        let bad = || format!("bad PostgreSQL URL {}", redact_url(url));
+        let (url, root_cert) = split_root_cert(url).with_context(bad)?;
+        let mut config = tokio_postgres::Config::from_str(&url).with_context(bad)?;
+        config
+            .application_name("mobiface")
+            .connect_timeout(Duration::from_secs(5))
+            // A server that vanished without closing (network cut) is noticed.
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10));
+        if config.get_ssl_mode() != SslMode::Require {
+            if root_cert.is_some() {
+                anyhow::bail!("{}: sslrootcert needs sslmode=require", bad());
+            }
+            config.ssl_mode(SslMode::Disable);
+        }
+        let tls = tls_config(root_cert.as_deref())
+            .with_context(|| format!("TLS set-up for {}", redact_url(&url)))?;
+        Ok(Pg {
+            config,
+            tls: MakeRustlsConnect::new(tls),
+        })
+    }
+}
+
+/// A certificate we refuse, or a server without TLS when the URL requires it:
+/// retrying will not change either. tokio-postgres exposes no error kind, so
+/// this reads the message of its TLS kind ("error performing TLS handshake").
+fn refused_by_tls(e: &tokio_postgres::Error) -> bool {
+    e.to_string().contains("TLS handshake")
+}
+
+/// The URL without `sslrootcert` (which tokio-postgres does not take) and the
+/// path it named; libpq's `verify-ca` and `verify-full` become `require`, which
+/// here always verifies the certificate and host name.
+fn split_root_cert(url: &str) -> anyhow::Result<(String, Option<PathBuf>)> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_string(), None));
+    };
+    let (mut kept, mut root_cert) = (Vec::new(), None);
+    for param in query.split('&') {
+        match param.split_once('=') {
+            Some(("sslrootcert", path)) => root_cert = Some(PathBuf::from(percent_decode(path)?)),
+            Some(("sslmode", "verify-ca" | "verify-full")) => kept.push("sslmode=require"),
+            _ => kept.push(param),
+        }
+    }
+    let url = if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok((url, root_cert))
+}
+
+fn percent_decode(s: &str) -> anyhow::Result<String> {
+    let (mut out, bytes) = (Vec::with_capacity(s.len()), s.as_bytes());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3).context("truncated %-escape")?;
+            out.push(u8::from_str_radix(hex, 16).context("bad %-escape")?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).context("URL parameter is not UTF-8")
+}
+
+/// Verifies servers against the system's roots plus `root_cert`'s (a PEM
+/// bundle, e.g. a managed database's CA). ring, not the process-wide default
+/// provider, so nothing global is set.
+fn tls_config(root_cert: Option<&Path>) -> anyhow::Result<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    // Unreadable system certificates are skipped: the CA file may be all a
+    // deployment needs.
+    let (_added, _ignored) =
+        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    if let Some(path) = root_cert {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
+            .with_context(|| format!("reading sslrootcert {}", path.display()))?;
+        if certs.is_empty() {
+            anyhow::bail!("sslrootcert {} holds no certificate", path.display());
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .with_context(|| format!("sslrootcert {}", path.display()))?;
+        }
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth())
 }
 
 /// The PostgreSQL backend of one replica.
@@ -123,12 +232,12 @@ impl PgStore {
         mirror: Arc<Mirror>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<(PgStore, LoadReport)> {
-        let pg = pg_config(url)?;
+        let pg = Pg::parse(url)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut client = loop {
             match replication::connect(&pg).await {
                 Ok(c) => break c,
-                Err(e) if Instant::now() < deadline => {
+                Err(e) if Instant::now() < deadline && !refused_by_tls(&e) => {
                     tracing::warn!(error = %e, url = %redact_url(url), "PostgreSQL not reachable yet; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
@@ -146,8 +255,8 @@ impl PgStore {
         drop(client);
 
         let manager = Manager::from_config(
-            pg.clone(),
-            NoTls,
+            pg.config.clone(),
+            pg.tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },

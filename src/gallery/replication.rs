@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch, Notify};
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::index::{FaceBatch, Index, BATCH_ROWS};
 use super::mirror::Mirror;
-use super::postgres::{pg_err, snapshot, CHANNEL};
+use super::postgres::{pg_err, snapshot, Pg, CHANNEL};
 use super::sqlite::decode_into;
 use super::store::Change;
 use super::{GalleryError, LoadReport, Result};
@@ -61,9 +61,9 @@ pub struct Follower {
 /// A dedicated connection whose driver runs in its own task; notifications
 /// arrive on the returned channel, which closes when the connection does.
 pub async fn connect_listening(
-    pg: &tokio_postgres::Config,
+    pg: &Pg,
 ) -> std::result::Result<(Client, mpsc::UnboundedReceiver<()>), tokio_postgres::Error> {
-    let (client, mut conn) = pg.connect(NoTls).await?;
+    let (client, mut conn) = pg.config.connect(pg.tls.clone()).await?;
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
@@ -84,9 +84,7 @@ pub async fn connect_listening(
 }
 
 /// A plain dedicated connection (start-up: migrations and the first load).
-pub async fn connect(
-    pg: &tokio_postgres::Config,
-) -> std::result::Result<Client, tokio_postgres::Error> {
+pub async fn connect(pg: &Pg) -> std::result::Result<Client, tokio_postgres::Error> {
     Ok(connect_listening(pg).await?.0)
 }
 
@@ -150,7 +148,7 @@ impl Follower {
 
     /// Follows the log until `stop()`, reconnecting with backoff whenever the
     /// connection fails (replicas answer 503 on writes meanwhile).
-    pub async fn run(self: Arc<Self>, pg: tokio_postgres::Config) {
+    pub async fn run(self: Arc<Self>, pg: Pg) {
         let mut stop = self.stop.subscribe();
         let mut backoff = Duration::from_millis(100);
         while !*stop.borrow() {
@@ -178,11 +176,7 @@ impl Follower {
 
     /// One connection's life: LISTEN, catch up, then apply on every
     /// notification, poke or tick. Returns Ok only when stopped.
-    async fn session(
-        &self,
-        pg: &tokio_postgres::Config,
-        stop: &mut watch::Receiver<bool>,
-    ) -> anyhow::Result<()> {
+    async fn session(&self, pg: &Pg, stop: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
         let (mut client, mut notes) = connect_listening(pg).await?;
         client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
         // After LISTEN, so nothing committed in between goes unseen.
@@ -479,7 +473,7 @@ impl Follower {
     }
 
     /// On a clean stop, this replica stops holding log rows back at once.
-    async fn forget_self(&self, pg: &tokio_postgres::Config) -> anyhow::Result<()> {
+    async fn forget_self(&self, pg: &Pg) -> anyhow::Result<()> {
         let client = tokio::time::timeout(Duration::from_secs(2), connect(pg)).await??;
         client
             .execute("DELETE FROM replicas WHERE id = $1", &[&self.id])

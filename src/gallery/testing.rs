@@ -1,7 +1,8 @@
 //! A throwaway PostgreSQL cluster for tests and benchmarks: Debian's
 //! `postgresql-15` binaries, a data folder in the temp dir, a loopback port,
-//! run as the `postgres` user when we are root (initdb refuses root).
-//! Not used by the service itself.
+//! run as the `postgres` user when we are root (initdb refuses root), with
+//! TLS on (a throwaway CA and a certificate for 127.0.0.1) beside plain
+//! connections. Not used by the service itself.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -82,8 +83,41 @@ impl TestCluster {
                 "UTF8",
             ],
         )?;
+        cluster.make_certificates()?;
         cluster.start_server()?;
         Ok(cluster)
+    }
+
+    /// A CA (`ca_file`) and a server certificate it signed for 127.0.0.1 and
+    /// localhost, made with the `openssl` tool that Debian's PostgreSQL
+    /// packages depend on.
+    fn make_certificates(&self) -> anyhow::Result<()> {
+        let (dir, data) = (self.dir.display().to_string(), self.data());
+        let (ca_key, ca) = (format!("{dir}/ca.key"), format!("{dir}/ca.crt"));
+        let (key, csr, crt) = (
+            format!("{data}/server.key"),
+            format!("{dir}/server.csr"),
+            format!("{data}/server.crt"),
+        );
+        #[rustfmt::skip]
+        let steps: [&[&str]; 3] = [
+            &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+              "-subj", "/CN=mobiface test CA", "-keyout", &ca_key, "-out", &ca],
+            &["req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+              "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", &key, "-out", &csr],
+            &["x509", "-req", "-in", &csr, "-CA", &ca, "-CAkey", &ca_key, "-CAcreateserial",
+              "-days", "2", "-copy_extensions", "copyall", "-out", &crt],
+        ];
+        for args in steps {
+            self.run("openssl", args)?;
+        }
+        // PostgreSQL refuses a key that others may read.
+        self.run("chmod", &["0600", &key])
+    }
+
+    /// The CA that signed the server's certificate: `sslrootcert` for TLS.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.crt")
     }
 
     fn data(&self) -> String {
@@ -117,7 +151,8 @@ impl TestCluster {
     /// Starts (or restarts) the server and waits until it accepts connections.
     pub fn start_server(&self) -> anyhow::Result<()> {
         let opts = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -k {} -c max_connections=200",
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c max_connections=200 -c ssl=on \
+             -c ssl_cert_file=server.crt -c ssl_key_file=server.key",
             self.port,
             self.data()
         );

@@ -45,20 +45,21 @@ impl Db {
     async fn open(&self) -> Gallery {
         match self {
             Db::Sqlite(dir) => open(&dir.path().join("g.db")),
-            Db::Postgres(url) => {
-                #[derive(clap::Parser)]
-                struct Args {
-                    #[command(flatten)]
-                    gallery: crate::config::GalleryConfig,
-                }
-                let args = <Args as clap::Parser>::try_parse_from(["t", "--database", url])
-                    .expect("config parses");
-                Gallery::connect(&args.gallery, MODEL, DIM, Arc::new(Metrics::new()))
-                    .await
-                    .expect("connect gallery")
-            }
+            Db::Postgres(url) => connect(url).await.expect("connect gallery"),
         }
     }
+}
+
+/// A PostgreSQL gallery with the service's default settings.
+async fn connect(url: &str) -> anyhow::Result<Gallery> {
+    #[derive(clap::Parser)]
+    struct Args {
+        #[command(flatten)]
+        gallery: crate::config::GalleryConfig,
+    }
+    let args =
+        <Args as clap::Parser>::try_parse_from(["t", "--database", url]).expect("config parses");
+    Gallery::connect(&args.gallery, MODEL, DIM, Arc::new(Metrics::new())).await
 }
 
 /// Writes rows straight into the file, bypassing the gallery (as another
@@ -262,7 +263,7 @@ async fn survive_reopen_on(db: &Db) {
             )
             .expect("count"),
         Db::Postgres(url) => {
-            let client = replication::connect(&postgres::pg_config(url).expect("url"))
+            let client = replication::connect(&postgres::Pg::parse(url).expect("url"))
                 .await
                 .expect("raw connection");
             client
@@ -707,7 +708,7 @@ async fn concurrent_on(db: &Db) {
 
 /// Sorted ids of every face of the running model in the table, and their digest.
 async fn table_faces(url: &str) -> (usize, String) {
-    let client = replication::connect(&postgres::pg_config(url).expect("url"))
+    let client = replication::connect(&postgres::Pg::parse(url).expect("url"))
         .await
         .expect("raw connection");
     let rows = client
@@ -885,7 +886,7 @@ async fn a_replica_cut_off_catches_up_from_the_log() {
     converge(url, &[&a, &b]).await;
     // Cut every connection of both replicas (listeners and pools), as a
     // server restart or a network blip would; notifications sent meanwhile are lost.
-    let admin = replication::connect(&postgres::pg_config(url).expect("url"))
+    let admin = replication::connect(&postgres::Pg::parse(url).expect("url"))
         .await
         .expect("admin");
     admin
@@ -975,4 +976,107 @@ async fn sqlite_wal_stays_bounded_over_2000_enrolments() {
     // Nothing acknowledged is only in memory: a fresh open finds every face.
     drop(g);
     assert_eq!(open(&path).counts().faces, 2000);
+}
+
+#[test]
+fn postgres_urls_choose_tls_as_libpq_does() {
+    use tokio_postgres::config::SslMode;
+    let mode = |url: &str| {
+        postgres::Pg::parse(url)
+            .map(|pg| pg.config.get_ssl_mode())
+            .map_err(|e| format!("{e:#}"))
+    };
+    for (url, want) in [
+        // libpq's default `prefer` would accept any certificate: plain instead.
+        ("postgres://u@h/db", SslMode::Disable),
+        ("postgres://u@h/db?sslmode=prefer", SslMode::Disable),
+        ("postgres://u@h/db?sslmode=disable", SslMode::Disable),
+        ("postgres://u@h/db?sslmode=require", SslMode::Require),
+        ("postgres://u@h/db?sslmode=verify-ca", SslMode::Require),
+        (
+            "postgres://u@h/db?connect_timeout=3&sslmode=verify-full",
+            SslMode::Require,
+        ),
+    ] {
+        assert_eq!(mode(url), Ok(want), "{url}");
+    }
+    for (url, why) in [
+        (
+            "postgres://u@h/db?sslrootcert=/etc/hosts",
+            "needs sslmode=require",
+        ),
+        (
+            "postgres://u@h/db?sslmode=require&sslrootcert=/nonexistent/ca.pem",
+            "reading sslrootcert /nonexistent/ca.pem",
+        ),
+        (
+            "postgres://u@h/db?sslmode=require&sslrootcert=/etc/hostname",
+            "holds no certificate",
+        ),
+        (
+            "postgres://u@h/db?sslmode=require&sslrootcert=%2",
+            "%-escape",
+        ),
+        ("postgres://u@h/db?sslmode=sometimes", "bad PostgreSQL URL"),
+    ] {
+        let err = mode(url).expect_err(url);
+        assert!(err.contains(why), "{url}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_tls_encrypts_every_connection_and_verifies_the_server() {
+    let cluster = testing::TestCluster::shared();
+    let url = cluster.create_database("tls").expect("test database");
+    let ca = cluster.ca_file().display().to_string().replace('/', "%2F");
+    let tls_url = format!("{url}?sslmode=verify-full&sslrootcert={ca}");
+    // The whole write, reopen and delete round trip, over TLS.
+    survive_reopen_on(&Db::Postgres(tls_url.clone())).await;
+
+    let g = Db::Postgres(tls_url).open().await;
+    g.create_subject("Carol".into(), None)
+        .await
+        .expect("a write through the pool");
+    let admin = replication::connect(&postgres::Pg::parse(&url).expect("url"))
+        .await
+        .expect("plain connection");
+    let database = url.rsplit('/').next().expect("database name");
+    let ssl: Vec<bool> = admin
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.datname = $1 AND a.application_name = 'mobiface' \
+             AND a.pid <> pg_backend_pid()",
+            &[&database],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // The pool's connection and the change-log listener, at least.
+    assert!(ssl.len() >= 2, "{ssl:?}");
+    assert!(ssl.iter().all(|&on| on), "a plain connection: {ssl:?}");
+    let own: bool = admin
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("own connection")
+        .get(0);
+    assert!(
+        !own,
+        "a URL without sslmode connects in plain text, as before"
+    );
+    g.close().await.expect("close");
+
+    // Without the CA the server's certificate is refused, at once.
+    let err = connect(&format!("{url}?sslmode=require"))
+        .await
+        .err()
+        .map(|e| format!("{e:#}"));
+    assert!(
+        err.as_deref().is_some_and(|e| e.contains("UnknownIssuer")),
+        "{err:?}"
+    );
 }

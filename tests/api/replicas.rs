@@ -42,7 +42,7 @@ async fn new_subject(client: &reqwest::Client, server: &Server, name: &str) -> S
 
 /// The table's faces of `model`: their ids and the digest replicas report.
 async fn table_faces(url: &str, model: &str) -> (HashSet<Uuid>, String) {
-    let client = replication::connect(&postgres::pg_config(url).expect("url"))
+    let client = replication::connect(&postgres::Pg::parse(url).expect("url"))
         .await
         .expect("raw connection");
     let rows = client
