@@ -235,7 +235,11 @@ impl Detector {
                     .map_err(|_| anyhow::anyhow!("detector pool poisoned"))?;
             }
         };
-        let result = f(backend.as_mut());
+        // A panic inside a run becomes this request's error and the session
+        // goes back: otherwise each one would shrink the pool until every
+        // request waited forever.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(backend.as_mut())))
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the face detector panicked")));
         if let Ok(mut idle) = self.idle.lock() {
             idle.push(backend);
             self.returned.notify_one();

@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::yunet::RawOutputs;
 use super::*;
 use crate::imaging::{decode, DecodeLimits};
 
@@ -199,4 +200,33 @@ fn decoding_matches_opencv_on_real_photos() {
     let median = errors[errors.len() / 2];
     assert!(median < 0.2, "landmarks differ by {median} px (median)");
     assert!(worst_score < 0.005, "scores differ by up to {worst_score}");
+}
+
+/// A session that panics in every run, as a bug in a backend would.
+struct Panicking;
+
+impl DetectorBackend for Panicking {
+    fn run(&mut self, _input: &[f32]) -> anyhow::Result<RawOutputs> {
+        panic!("backend bug");
+    }
+}
+
+#[test]
+fn a_panicking_session_fails_its_request_and_returns_to_the_pool() {
+    let cfg = DetectorConfig {
+        detector: PathBuf::new(),
+        detector_score: 0.5,
+        detector_sessions: 1,
+        detector_intra_threads: 1,
+        min_eye_distance: 10.0,
+    };
+    let detector =
+        Detector::with_backends(vec![Box::new(Panicking)], &cfg, Arc::new(Metrics::new()));
+    let img = RgbImage::new(64, 64);
+    // The pool holds one session: had the first panic lost it, the second
+    // call would wait for it forever.
+    for _ in 0..2 {
+        let err = detector.detect(&img).expect_err("the run panicked");
+        assert_eq!(err.kind, ErrorKind::Internal);
+    }
 }
