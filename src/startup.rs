@@ -154,7 +154,8 @@ impl Application {
         let config = state.config.clone();
         tracing::info!(address = %listener.local_addr()?, "listening");
         // Each connection holds a permit, so taking them all back means every connection ended.
-        let limit = config.max_connections.max(1);
+        // At most u32::MAX: shutdown takes every permit back in one `acquire_many`.
+        let limit = config.max_connections.clamp(1, u32::MAX as usize);
         let permits = Arc::new(Semaphore::new(limit));
         let (close_tx, close_rx) = watch::channel(false);
         let mut accept = Box::pin(accept_loop(
@@ -220,7 +221,7 @@ fn within_descriptor_limit(wanted: usize) -> usize {
         })
         .and_then(|v| v.parse::<usize>().ok());
     match soft {
-        Some(limit) if wanted + RESERVED_DESCRIPTORS > limit => {
+        Some(limit) if wanted.saturating_add(RESERVED_DESCRIPTORS) > limit => {
             let capped = limit.saturating_sub(RESERVED_DESCRIPTORS).max(1);
             tracing::warn!(
                 max_connections = wanted,
