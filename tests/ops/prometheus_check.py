@@ -213,6 +213,7 @@ class Services:
         jobs = [j for j in cfg.get("scrape_configs", []) if j.get("job_name") == JOB]
         check(len(jobs) == 1, f"prometheus.yml has one `{JOB}` scrape job")
         for j in jobs:
+            j.pop("dns_sd_configs", None)  # compose's service names: none resolve here
             j["static_configs"] = [{"targets": [f"127.0.0.1:{self.app_port}"]}]
             j["scrape_interval"] = "1s"
         cfg["scrape_configs"] = jobs
