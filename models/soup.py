@@ -46,7 +46,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     loaded = [load_student(p) for p in args.checkpoints]
-    states = [m.state_dict() for m, _ in loaded]
+    # copies: a state_dict shares storage with its model, so loading a mix into the first model
+    # would otherwise rewrite "first" for the next W
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m, _ in loaded]
     model, record = loaded[0]
     if not args.weights:
         data = Data(args.split_seed, args.val_ids)
@@ -68,7 +70,9 @@ def main(argv=None) -> int:
     data = SetsData(record["sets"], targets.parse_crops(record["args"].get("crops")), record["teacher"], device)
     for w in weights:
         model.load_state_dict(mix(states, [w, 1 - w]))
-        if 0 < w < 1:  # the running statistics of mixed weights belong to neither model
+        # the running statistics of mixed weights belong to neither model; and a run's own,
+        # gathered on augmented batches, score below ones recomputed on clean crops (model card)
+        if w > 0:
             recalibrate_bn(model, data, device)
         v = validate_sets(model, data, device)
         print(f"W {w:g}: " + ", ".join(f"{k} {x:.2f}%" for k, x in v.items()), flush=True)
