@@ -175,10 +175,12 @@ train: venv-train venv align
 		--init models/cache/init-1.4.0.pt --threads $(TRAIN_THREADS) --batch 32 --lr 1e-3 --total-steps 10000 \
 		--budget-minutes $(TRAIN_MINUTES) --val-every-min 20 --out models/checkpoints/v2 $(TRAIN_ARGS)
 
-## Ship a 2.0 checkpoint that beat 1.4.0 on validation: export it (version, data, teacher and
-## licence metadata from the checkpoint) and calibrate its thresholds on the eval pairs. Each
-## calibration is a look at eval: the model card counts them.
-V2_CHECKPOINT ?= models/checkpoints/mobiface2.pt
+## Ship a 2.0 candidate that beat 1.4.0 on validation (written by `models/soup.py CHECKPOINT
+## models/cache/init-1.4.0.pt --weights W --out models/cache/mobiface2-candidate.pt`, BatchNorm
+## recomputed as it was judged): export it (version, data, teacher and licence metadata from the
+## checkpoint) and calibrate its thresholds on the eval pairs. Each calibration is a look at
+## eval: the model card counts them.
+V2_CHECKPOINT ?= models/cache/mobiface2-candidate.pt
 V2_VERSION ?= 2.0.0
 export-2.0: venv-train venv
 	$(VENV_TRAIN)/bin/python models/export.py --checkpoint $(V2_CHECKPOINT) --version $(V2_VERSION) --output models/mobiface.onnx

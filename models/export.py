@@ -277,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.threshold_far_1e_3 is not None:
             meta["mobiface.threshold_far_1e-3"] = str(args.threshold_far_1e_3)
         if "sets" in state:  # 2.0: the resume checkpoint says what trained it
+            if not state.get("batchnorm_recomputed"):
+                ap.error("a 2.0 checkpoint carries its run's BatchNorm statistics, gathered on augmented "
+                         "batches, not the clean ones it is judged with: write the candidate with "
+                         "models/soup.py CHECKPOINT models/cache/init-1.4.0.pt --weights W --out FILE")
             meta["mobiface.training_data"] = args.training_data or v2_training_data(state)
             meta["mobiface.objective"] = args.objective or v2_objective(state)
             meta["mobiface.training_time"] = v2_training_time(state)

@@ -12,8 +12,10 @@ Only checkpoints of one basin average into a working model (two independent runs
 sets, sessions and images seen, so export.py describes it) with the averaged weights.
 
 --weights (two checkpoints: a 2.0 resume checkpoint, then the model it started from) interpolates
-W x first + (1 - W) x second for each W, validated like a 2.0 run (train.py's validate_sets, on
-the sets the first was trained on); --out then takes one W.
+W x first + (1 - W) x second for each W, recomputes BatchNorm for W > 0 (W = 1 too: a run's own
+statistics, gathered on augmented batches, score below clean ones) and validates like a 2.0 run
+(train.py's validate_sets, on the sets the first was trained on); --out then takes one W and
+writes the candidate `make export-2.0` ships (export.py refuses a 2.0 checkpoint that is not one).
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
         v = validate_sets(model, data, device)
         print(f"W {w:g}: " + ", ".join(f"{k} {x:.2f}%" for k, x in v.items()), flush=True)
     if args.out:
-        torch.save(dict(record, model=_half(model.state_dict()), val=v,
+        torch.save(dict(record, model=_half(model.state_dict()), val=v, batchnorm_recomputed=weights[0] > 0,
                         interpolated={"weight": weights[0], "with": args.checkpoints[1]}), args.out)
         print(f"wrote {args.out}")
     return 0
