@@ -66,7 +66,7 @@ def v2_objective(st: dict) -> str:
     a = st["args"]
     return (f"Flipped-MobiFace distillation from {TEACHERS[st['teacher']]}, targets of each crop and of its "
             "mirror, each L2-normalised: per-view l2 loss ||P e + b - t_view||^2 on each single view (weight "
-            f"{a.get('w_view', 8):g}) and the paper's l2 loss on the flip-averaged feature against the "
+            f"{a['w_view']:g}) and the paper's l2 loss on the flip-averaged feature against the "
             f"teacher's flip-averaged one (weight {a['w_kd']:g}), P a training-only projection; relational "
             f"cosine distillation ({a['w_rel']:g}); CosFace (s=32, m=0.25; {a['w_ce']:g}) over training "
             "identities with >= 2 distinct photos, on each view and the average; started from MobiFace 1.4.0")

@@ -120,14 +120,24 @@ impl Pg {
             // A server that vanished without closing (network cut) is noticed.
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(10));
-        if config.get_ssl_mode() != SslMode::Require {
+        let roots = if config.get_ssl_mode() == SslMode::Require {
+            trusted_roots(root_cert.as_deref())
+                .with_context(|| format!("TLS set-up for {}", redact_url(&url)))?
+        } else {
             if root_cert.is_some() {
                 anyhow::bail!("{}: sslrootcert needs sslmode=require", bad());
             }
             config.ssl_mode(SslMode::Disable);
-        }
-        let tls = tls_config(root_cert.as_deref())
-            .with_context(|| format!("TLS set-up for {}", redact_url(&url)))?;
+            // Never consulted: these connections are plain, so the system's
+            // roots are not read for them.
+            rustls::RootCertStore::empty()
+        };
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         Ok(Pg {
             config,
             tls: MakeRustlsConnect::new(tls),
@@ -181,10 +191,10 @@ fn percent_decode(s: &str) -> anyhow::Result<String> {
     String::from_utf8(out).context("URL parameter is not UTF-8")
 }
 
-/// Verifies servers against the system's roots plus `root_cert`'s (a PEM
-/// bundle, e.g. a managed database's CA). ring, not the process-wide default
+/// The system's roots plus `root_cert`'s (a PEM bundle, e.g. a managed
+/// database's CA). The connector uses ring, not a process-wide default
 /// provider, so nothing global is set.
-fn tls_config(root_cert: Option<&Path>) -> anyhow::Result<rustls::ClientConfig> {
+fn trusted_roots(root_cert: Option<&Path>) -> anyhow::Result<rustls::RootCertStore> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::CertificateDer;
     let mut roots = rustls::RootCertStore::empty();
@@ -205,12 +215,7 @@ fn tls_config(root_cert: Option<&Path>) -> anyhow::Result<rustls::ClientConfig> 
                 .with_context(|| format!("sslrootcert {}", path.display()))?;
         }
     }
-    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth())
+    Ok(roots)
 }
 
 /// The PostgreSQL backend of one replica.

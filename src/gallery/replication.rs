@@ -83,7 +83,7 @@ pub async fn connect_listening(
     Ok((client, rx))
 }
 
-/// A plain dedicated connection (start-up: migrations and the first load).
+/// A dedicated connection, outside the pool (start-up: migrations and the first load).
 pub async fn connect(pg: &Pg) -> std::result::Result<Client, tokio_postgres::Error> {
     Ok(connect_listening(pg).await?.0)
 }
