@@ -294,10 +294,14 @@ class SetsData:
     Offers the attributes warm_start and recalibrate_bn read from Data (`lfw` holds every set's
     crops, `lfw_t` the flip-averaged targets), plus per-view targets [N,2,D] for the objective."""
 
-    def __init__(self, set_names: list[str], crop_dirs: dict[str, str], teacher: str, device):
+    def __init__(self, set_names: list[str], crop_dirs: dict[str, str], teacher: str, device,
+                 oversample: dict[str, int] | None = None):
         self.cropsets = targets.load_sets(set_names, crop_dirs)
+        oversample = oversample or {}
+        if unknown := set(oversample) - set(set_names):
+            raise SystemExit(f"--oversample: {', '.join(sorted(unknown))} not in --sets")
         held = set().union(*(s.held for s in self.cropsets if s.name in ("lfw", "lfwdet")))
-        crops, keys, out, utk = [], [], [], []
+        crops, keys, out, utk, repeat = [], [], [], [], []
         self.val: dict[str, tuple[np.ndarray, list]] = {}
         off = 0
         for s in self.cropsets:
@@ -306,12 +310,14 @@ class SetsData:
             keys += [None if i is None else (f"celeba/{i}" if s.name == "celeba" else i) for i in ids]
             out.append(s.is_val | np.array([s.name == "glint" and i in held for i in ids]))
             utk.append(np.full(len(s), s.name == "utk"))
+            repeat.append(np.full(len(s), oversample.get(s.name, 1)))
             if s.name in targets.VAL_SETS:
                 pairs = [(off + a, off + b, y) for a, b, y in s.val_pairs()]
                 self.val[s.name] = (np.array(sorted({i for a, b, _ in pairs for i in (a, b)})), pairs)
             off += len(s)
         self.lfw = np.concatenate(crops)
         self.trainable = ~np.concatenate(out)
+        self.repeat = np.concatenate(repeat)  # copies of each crop per epoch (--oversample)
         # distinct photos per identity: lfw and lfwdet are two crops of one photo, which make no
         # class of a person photographed once
         photos: dict[str, set[str]] = {}
@@ -363,7 +369,8 @@ class SetsData:
 
     def epoch_items(self, rng: np.random.Generator) -> torch.Tensor:
         self.refresh()
-        return torch.from_numpy(rng.permutation(self.train_idx)).to(self.device)
+        items = np.repeat(self.train_idx, self.repeat[self.train_idx])
+        return torch.from_numpy(rng.permutation(items)).to(self.device)
 
     def batch(self, rows: torch.Tensor):
         """Images float [B,3,112,112] in 0..255, per-view targets [B,2,D], has-target, CosFace
@@ -737,6 +744,8 @@ def main(argv=None) -> int:
     v2.add_argument("--teacher", default="edgeface", choices=["edgeface", "concat", "sface"],
                     help="target: EdgeFace-XS, SFace, or both concatenated (each unit norm; model card)")
     v2.add_argument("--crops", action="append", help="SET=DIR crop folder, as for targets.py")
+    v2.add_argument("--oversample", default="",
+                    help="SET=K,...: each crop of SET K times per epoch (e.g. lfw=3: more of LFW's share)")
     v2.add_argument("--w-view", type=float, default=8.0,
                     help="weight of the per-view l2 term (each view's feature to the teacher's feature of that view)")
     v2.add_argument("--ckpt", default=os.path.join(CKPT, "mobiface2.pt"),
@@ -778,7 +787,8 @@ def main(argv=None) -> int:
         f"batch {args.batch}, budget {args.budget_minutes} min")
 
     if args.sets:
-        data = SetsData(args.sets.split(","), targets.parse_crops(args.crops), args.teacher, device)
+        oversample = {k: int(v) for k, v in (kv.split("=") for kv in args.oversample.split(",") if kv)}
+        data = SetsData(args.sets.split(","), targets.parse_crops(args.crops), args.teacher, device, oversample)
     else:
         data = Data(args.split_seed, args.val_ids, args.utk, args.mix_ratio, args.id_fraction, args.pack, device,
                     args.id_pairs)
@@ -875,7 +885,10 @@ def main(argv=None) -> int:
                     swa_snapshots=int(swa.n_averaged) if swa is not None else 0)
 
     session = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device_name(device),
-               "threads": args.threads, "from_step": step}
+               "threads": args.threads, "from_step": step,
+               # what export.py describes when the weights or the mix changed between sessions
+               "weights": {"view": args.w_view, "kd": args.w_kd, "rel": args.w_rel, "ce": args.w_ce},
+               "oversample": args.oversample}
 
     def save_last():
         if args.sets:  # weights-only, fp16: what is committed between sessions
