@@ -69,7 +69,21 @@ def v2_objective(st: dict) -> str:
             f"{a['w_view']:g}) and the paper's l2 loss on the flip-averaged feature against the "
             f"teacher's flip-averaged one (weight {a['w_kd']:g}), P a training-only projection; relational "
             f"cosine distillation ({a['w_rel']:g}); CosFace (s=32, m=0.25; {a['w_ce']:g}) over training "
-            "identities with >= 2 distinct photos, on each view and the average; started from MobiFace 1.4.0")
+            "identities with >= 2 distinct photos, on each view and the average; started from MobiFace 1.4.0"
+            + v2_changes(st))
+
+
+def v2_changes(st: dict) -> str:
+    """Sessions record their loss weights and data mix since the fifth; those before it ran on
+    train.py's defaults (per-view and flip-averaged weights 8 each, every crop once per epoch)."""
+    recorded = [s for s in st["sessions"] if "weights" in s]
+    if not recorded or recorded[0]["from_step"] == 0:
+        return ""
+    mix = st["args"].get("oversample")
+    return (f"; these weights from step {recorded[0]['from_step']:,} on"
+            + (", crops per epoch " + ", ".join(f"{k} x{v}" for k, v in (kv.split("=") for kv in mix.split(",")))
+               if mix else "")
+            + ", before it per-view and flip-averaged weights 8 each, every crop once per epoch")
 
 
 def v2_licence(st: dict) -> str:
