@@ -67,6 +67,8 @@ EdgeFace-XS by default, SFace, or the two concatenated, each unit norm) and tf =
   * rel (--w-rel): the relational term on f against tf and on e against t0;
   * ce (--w-ce): CosFace over every training identity with >= 2 training crops (LFW train,
     CelebA, Glint360K), on e, em and f.
+An epoch is every training crop once, or K times for a set given as --oversample SET=K (the
+fifth session's lfw=3,lfwdet=3,celeba=2,glint=2 gives LFW train 60% of it instead of 38%).
 The schedule is in steps (--total-steps, default 10,000 of batch 32), since the run spans
 sessions; --budget-minutes bounds one session. The resume checkpoint (--ckpt, default
 models/checkpoints/mobiface2.pt) is weights-only fp16, committed between sessions; --resume
