@@ -158,11 +158,17 @@ async fn write_all(stream: &mut TcpStream, mut data: &[u8]) {
 /// keeps them from taking every descriptor, and an idle keep-alive connection is closed.
 #[tokio::test]
 async fn stalled_and_idle_connections_are_closed_and_capped() {
-    let app = spawn_app_with(|c| {
+    let mut app = spawn_app_with(|c| {
         c.header_read_timeout_ms = 500;
         c.max_connections = 8;
     })
     .await;
+    // A fresh connection per request: the server closes idle keep-alive connections after
+    // the 500 ms timeout, and a pooled one could be reused at the moment it is closed.
+    app.client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let mut stalled = Vec::new();
     for _ in 0..20 {
         let mut s = TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
