@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 use tokio::net::TcpStream;
 
 use crate::helpers::{
-    b64, eval_crops, json_of, metric, read, scrape, spawn_app, spawn_app_with, LoggedServer,
-    TestApp,
+    b64, eval_crops, json_of, metric, read, scrape, spawn_app, spawn_app_with, unpooled_client,
+    LoggedServer, TestApp,
 };
 
 /// Peak and current resident memory of a process, in MiB.
@@ -165,10 +165,7 @@ async fn stalled_and_idle_connections_are_closed_and_capped() {
     .await;
     // A fresh connection per request: the server closes idle keep-alive connections after
     // the 500 ms timeout, and a pooled one could be reused at the moment it is closed.
-    app.client = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap();
+    app.client = unpooled_client();
     let mut stalled = Vec::new();
     for _ in 0..20 {
         let mut s = TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
@@ -253,10 +250,7 @@ async fn shutdown_drains_then_answers_the_unfinished_503() {
     }
     app.stop.notify_one();
     // Draining: a new connection is accepted and told not to send traffic.
-    let fresh = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap();
+    let fresh = unpooled_client();
     let mut ready = None;
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {

@@ -211,6 +211,15 @@ pub fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
+/// A client that opens a fresh connection per request, for tests where the
+/// server may be closing a kept-alive one (short timeouts, shutdown).
+pub fn unpooled_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("HTTP client builds")
+}
+
 async fn send(request: reqwest::RequestBuilder) -> reqwest::Response {
     request.send().await.expect("request sent")
 }
@@ -399,10 +408,7 @@ impl LoggedServer {
             .stderr(log)
             .spawn()
             .unwrap();
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(0)
-            .build()
-            .unwrap();
+        let client = unpooled_client();
         let mut server = LoggedServer {
             child,
             dir,
