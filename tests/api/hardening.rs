@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 
 use crate::helpers::{
     b64, eval_crops, json_of, metric, read, scrape, spawn_app, spawn_app_with, unpooled_client,
-    LoggedServer, TestApp,
+    Server, TestApp,
 };
 
 /// Peak and current resident memory of a process, in MiB.
@@ -47,10 +47,10 @@ fn padded_body(prefix: &str, item: &str, last: &str, size: usize) -> String {
     format!("{prefix}{}{last}", item.repeat(n))
 }
 
-async fn post_raw(server: &LoggedServer, body: String) -> (u16, Value) {
+async fn post_raw(server: &Server, body: String) -> (u16, Value) {
     let resp = server
         .client
-        .post(format!("{}/embed", server.base))
+        .post(format!("{}/embed", server.address))
         .header("content-type", "application/json")
         .body(body)
         .send()
@@ -65,8 +65,8 @@ async fn post_raw(server: &LoggedServer, body: String) -> (u16, Value) {
 /// `[0,0,...]` at 745 MB; one of `[[],[],...]` landmarks added 357 MB.
 #[tokio::test]
 async fn memory_stays_bounded_under_hostile_concurrency() {
-    let server = LoggedServer::start(&[], &[]).await;
-    let pid = server.child.id();
+    let server = Server::start_ready(&[], &[]).await;
+    let pid = server.pid();
     let (_, start) = memory_mib(pid);
 
     let zeros = padded_body(r#"{"images":["#, "0,", "0]}", 16_000_000);
