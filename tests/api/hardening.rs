@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 use tokio::net::TcpStream;
 
 use crate::helpers::{
-    b64, eval_crops, json_of, metric, read, scrape, spawn_app, spawn_app_with, LoggedServer,
-    TestApp,
+    b64, eval_crops, json_of, metric, read, scrape, spawn_app, spawn_app_with, unpooled_client,
+    Server, TestApp,
 };
 
 /// Peak and current resident memory of a process, in MiB.
@@ -47,10 +47,10 @@ fn padded_body(prefix: &str, item: &str, last: &str, size: usize) -> String {
     format!("{prefix}{}{last}", item.repeat(n))
 }
 
-async fn post_raw(server: &LoggedServer, body: String) -> (u16, Value) {
+async fn post_raw(server: &Server, body: String) -> (u16, Value) {
     let resp = server
         .client
-        .post(format!("{}/embed", server.base))
+        .post(format!("{}/embed", server.address))
         .header("content-type", "application/json")
         .body(body)
         .send()
@@ -65,8 +65,8 @@ async fn post_raw(server: &LoggedServer, body: String) -> (u16, Value) {
 /// `[0,0,...]` at 745 MB; one of `[[],[],...]` landmarks added 357 MB.
 #[tokio::test]
 async fn memory_stays_bounded_under_hostile_concurrency() {
-    let server = LoggedServer::start(&[], &[]).await;
-    let pid = server.child.id();
+    let server = Server::start_ready(&[], &[]).await;
+    let pid = server.pid();
     let (_, start) = memory_mib(pid);
 
     let zeros = padded_body(r#"{"images":["#, "0,", "0]}", 16_000_000);
@@ -158,11 +158,14 @@ async fn write_all(stream: &mut TcpStream, mut data: &[u8]) {
 /// keeps them from taking every descriptor, and an idle keep-alive connection is closed.
 #[tokio::test]
 async fn stalled_and_idle_connections_are_closed_and_capped() {
-    let app = spawn_app_with(|c| {
+    let mut app = spawn_app_with(|c| {
         c.header_read_timeout_ms = 500;
         c.max_connections = 8;
     })
     .await;
+    // A fresh connection per request: the server closes idle keep-alive connections after
+    // the 500 ms timeout, and a pooled one could be reused at the moment it is closed.
+    app.client = unpooled_client();
     let mut stalled = Vec::new();
     for _ in 0..20 {
         let mut s = TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
@@ -247,10 +250,7 @@ async fn shutdown_drains_then_answers_the_unfinished_503() {
     }
     app.stop.notify_one();
     // Draining: a new connection is accepted and told not to send traffic.
-    let fresh = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap();
+    let fresh = unpooled_client();
     let mut ready = None;
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -211,6 +212,15 @@ pub fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
+/// A client that opens a fresh connection per request, for tests where the
+/// server may be closing a kept-alive one (short timeouts, shutdown).
+pub fn unpooled_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("HTTP client builds")
+}
+
 async fn send(request: reqwest::RequestBuilder) -> reqwest::Response {
     request.send().await.expect("request sent")
 }
@@ -243,10 +253,16 @@ pub fn venv_python() -> PathBuf {
     python
 }
 
-/// The real binary (`mobiface serve`) as a child process on a chosen database.
+/// The real binary (`mobiface serve`) as a child process, on a port the OS picks, its
+/// JSON log (stdout and stderr) kept for the test to read.
 pub struct Server {
     child: Child,
     pub address: String,
+    /// No connection reuse: a request either was accepted before shutdown or never was.
+    pub client: reqwest::Client,
+    log: Arc<Mutex<String>>,
+    /// A folder of its own: `start_ready` keeps its SQLite file (`gallery.db`) there.
+    pub dir: tempfile::TempDir,
 }
 
 impl Server {
@@ -257,6 +273,41 @@ impl Server {
 
     /// On any `--database` value (a SQLite path or a PostgreSQL URL), with extra flags.
     pub fn start_on(database: &str, extra: &[&str]) -> Server {
+        Server::spawn(database, extra, &[], tempfile::tempdir().expect("temp dir"))
+    }
+
+    /// On its own SQLite file, with extra flags and environment, ready (`/readyz` 200)
+    /// once it returns.
+    pub async fn start_ready(args: &[&str], envs: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = dir.path().join("gallery.db").display().to_string();
+        let mut server = Server::spawn(&db, args, envs, dir);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let ready = server
+                .client
+                .get(format!("{}/readyz", server.address))
+                .send()
+                .await;
+            if ready.is_ok_and(|r| r.status() == 200) {
+                return server;
+            }
+            assert!(
+                server.child.try_wait().unwrap().is_none(),
+                "server died at start:\n{}",
+                server.log()
+            );
+            assert!(Instant::now() < deadline, "server not ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn spawn(
+        database: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+        dir: tempfile::TempDir,
+    ) -> Server {
         let root = manifest_dir();
         let dylib = std::env::var("ORT_DYLIB_PATH")
             .map(PathBuf::from)
@@ -274,13 +325,26 @@ impl Server {
             .arg("--log-format=json")
             .env("RUST_LOG", "info")
             .env_remove("MOBIFACE_API_KEYS_FILE")
+            .envs(envs.iter().copied())
+            .current_dir(&root)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("binary starts");
-        let stdout = child.stdout.take().expect("stdout");
+        let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
-        // Keeps draining the log so the child never blocks on a full pipe.
+        // Both pipes are drained for the child's whole life, so it never blocks on a full one.
+        let stderr = child.stderr.take().expect("stderr");
+        let err_log = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = err_log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let stdout = child.stdout.take().expect("stdout");
+        let out_log = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Ok(v) = serde_json::from_str::<Value>(&line) {
@@ -290,21 +354,64 @@ impl Server {
                         }
                     }
                 }
+                let mut log = out_log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
             }
         });
-        let address = rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("the server logs `listening` with its address");
-        Server {
+        let address = rx.recv_timeout(Duration::from_secs(120));
+        let mut server = Server {
             child,
-            address: format!("http://{address}"),
+            address: String::new(),
+            client: unpooled_client(),
+            log,
+            dir,
+        };
+        match address {
+            Ok(a) => server.address = format!("http://{a}"),
+            Err(e) => panic!(
+                "the server did not log `listening` with its address ({e}):\n{}",
+                server.log()
+            ),
         }
+        server
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
     }
 
     /// SIGKILL (what `Child::kill` sends on Unix): no shutdown path, no
     /// checkpoint, no flush.
     pub fn kill9(self) {
         drop(self);
+    }
+
+    pub fn sigterm(&self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server still running after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
@@ -351,111 +458,4 @@ pub async fn scrape(app: &TestApp) -> String {
     let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
     assert!(ct.starts_with("text/plain"), "{ct}");
     resp.text().await.unwrap()
-}
-
-/// The real binary as a child process on its own SQLite file, output captured in a log
-/// file, ready (`/readyz` 200) once `start` returns.
-pub struct LoggedServer {
-    pub child: Child,
-    pub dir: tempfile::TempDir,
-    pub base: String,
-    /// No connection reuse: a request either was accepted before shutdown or never was.
-    pub client: reqwest::Client,
-}
-
-impl Drop for LoggedServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl LoggedServer {
-    pub async fn start(args: &[&str], envs: &[(&str, &str)]) -> LoggedServer {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let root = manifest_dir();
-        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_mobiface"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--database")
-            .arg(dir.path().join("gallery.db"))
-            .arg("--model")
-            .arg(root.join("models/mobiface.onnx"))
-            .args(args)
-            .env_remove("MOBIFACE_API_KEYS_FILE")
-            .env_remove("MOBIFACE_LOG_FORMAT")
-            .envs(envs.iter().copied())
-            .current_dir(&root)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(0)
-            .build()
-            .unwrap();
-        let mut server = LoggedServer {
-            child,
-            dir,
-            base: format!("http://127.0.0.1:{port}"),
-            client,
-        };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Ok(r) = server
-                .client
-                .get(format!("{}/readyz", server.base))
-                .send()
-                .await
-            {
-                if r.status() == 200 {
-                    break;
-                }
-            }
-            assert!(
-                server.child.try_wait().unwrap().is_none(),
-                "server died at start:\n{}",
-                server.log()
-            );
-            assert!(Instant::now() < deadline, "server not ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        server
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
-    }
-
-    pub fn sigterm(&self) {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
-    }
-
-    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server still running after SIGTERM"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
 }

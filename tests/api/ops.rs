@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    b64, eval_crops, manifest_dir, metric, read, scrape, spawn_app, spawn_app_with, LoggedServer,
-    TestApp,
+    b64, eval_crops, manifest_dir, metric, read, scrape, spawn_app, spawn_app_with, Server, TestApp,
 };
 
 // ------------------------------------------------------------------ helpers
@@ -666,7 +665,7 @@ async fn openapi_covers_every_route_and_validates() {
 async fn sigterm_during_a_burst_finishes_cleanly_and_exits_0() {
     // No drain period: this test is about the listener closing at once and in-flight
     // requests finishing (hardening.rs tests the drain).
-    let mut server = LoggedServer::start(
+    let mut server = Server::start_ready(
         &[],
         &[
             ("MOBIFACE_SHUTDOWN_TIMEOUT_S", "60"),
@@ -674,7 +673,7 @@ async fn sigterm_during_a_burst_finishes_cleanly_and_exits_0() {
         ],
     )
     .await;
-    let (base, client) = (server.base.clone(), server.client.clone());
+    let (base, client) = (server.address.clone(), server.client.clone());
     let images = crops_b64(8);
     let send = |client: reqwest::Client| {
         let (url, body) = (format!("{base}/embed"), json!({"images": images}));
@@ -776,19 +775,15 @@ async fn sigterm_during_a_burst_finishes_cleanly_and_exits_0() {
 async fn json_logs_carry_the_request_id_into_inference_and_never_the_keys() {
     let keys_dir = tempfile::tempdir().unwrap();
     let keys = write_keys(keys_dir.path());
-    let mut server = LoggedServer::start(
-        &[
-            "--log-format",
-            "json",
-            "--api-keys-file",
-            keys.to_str().unwrap(),
-        ],
+    let mut server = Server::start_ready(
+        // JSON logs: Server always passes --log-format=json
+        &["--api-keys-file", keys.to_str().unwrap()],
         &[("RUST_LOG", "info,mobiface::engine=debug")],
     )
     .await;
     let resp = server
         .client
-        .post(format!("{}/embed", server.base))
+        .post(format!("{}/embed", server.address))
         .header("x-request-id", "ops-log-test-7")
         .header("authorization", format!("Bearer {READ_KEY}"))
         .json(&json!({"images": crops_b64(1)}))
@@ -798,7 +793,7 @@ async fn json_logs_carry_the_request_id_into_inference_and_never_the_keys() {
     assert_eq!(resp.status(), 200);
     let refused = server
         .client
-        .post(format!("{}/subjects", server.base))
+        .post(format!("{}/subjects", server.address))
         .header("x-api-key", READ_KEY)
         .json(&json!({"name": "x"}))
         .send()

@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ import urllib.request
 from pathlib import Path
 
 import yaml
+
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -58,12 +59,6 @@ def check(ok: bool, what: str, detail: str = "") -> bool:
     results.append((bool(ok), what))
     print(("PASS " if ok else "FAIL ") + what + ("" if ok or not detail else f"\n     {detail}"), flush=True)
     return bool(ok)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(method: str, url: str, body: object | None = None, timeout: float = 60.0) -> tuple[int, dict | str]:

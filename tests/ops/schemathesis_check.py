@@ -12,21 +12,16 @@ Settings that a schema cannot state are in tests/ops/schemathesis.toml, each wit
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 
+from ports import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ADMIN_KEY = "schemathesis-admin-key-4f7d2c9b1e"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(binary, workdir, extra_env):
