@@ -156,6 +156,9 @@ TRAIN_MINUTES ?= 100
 TRAIN_THREADS ?= 1
 TARGET_SETS ?= lfw,lfwdet,celeba,glint,utk
 TRAIN_SETS ?= lfw,lfwdet,celeba,glint,utk
+## The data mix and loss weights since step 10,600 (model card, "Fifth session"): LFW train 60% of
+## an epoch, the flip-averaged term above the per-view one. Steps 0-10,600 ran on train.py's defaults.
+TRAIN_MIX ?= --oversample lfw=3,lfwdet=3,celeba=2,glint=2 --w-kd 12 --w-view 4
 CROPS_ARGS ?=
 ## LFW train's raw photos through the service's own detector and aligner (targets.py's "lfwdet"
 ## set): the crops the service makes at run time. detections.csv is written last, so it marks a
@@ -173,7 +176,7 @@ train: venv-train venv align
 		--model models/mobiface.onnx --out models/cache/init-1.4.0.pt
 	nice -n 19 $(VENV_TRAIN)/bin/python models/train.py --sets $(TRAIN_SETS) $(CROPS_ARGS) --teacher edgeface \
 		--init models/cache/init-1.4.0.pt --threads $(TRAIN_THREADS) --batch 32 --lr 1e-3 --total-steps 10000 \
-		--budget-minutes $(TRAIN_MINUTES) --val-every-min 20 --out models/checkpoints/v2 $(TRAIN_ARGS)
+		--budget-minutes $(TRAIN_MINUTES) --val-every-min 20 --out models/checkpoints/v2 $(TRAIN_MIX) $(TRAIN_ARGS)
 
 ## Ship a 2.0 candidate that beat 1.4.0 on validation (written by `models/soup.py CHECKPOINT
 ## models/cache/init-1.4.0.pt --weights W --out models/cache/mobiface2-candidate.pt`, BatchNorm
