@@ -74,16 +74,25 @@ def v2_objective(st: dict) -> str:
 
 
 def v2_changes(st: dict) -> str:
-    """Sessions record their loss weights and data mix since the fifth; those before it ran on
-    train.py's defaults (per-view and flip-averaged weights 8 each, every crop once per epoch)."""
-    recorded = [s for s in st["sessions"] if "weights" in s]
-    if not recorded or recorded[0]["from_step"] == 0:
+    """From which step the last session's loss weights and data mix apply. Sessions record them
+    since the fifth; those before ran on train.py's defaults (per-view and flip-averaged weights
+    8 each, every crop once per epoch)."""
+    s = st["sessions"]
+    if "weights" not in s[-1]:
         return ""
-    mix = st["args"].get("oversample")
-    return (f"; these weights from step {recorded[0]['from_step']:,} on"
+    key = (s[-1]["weights"], s[-1]["oversample"])
+    i = len(s) - 1
+    while i > 0 and (s[i - 1].get("weights"), s[i - 1].get("oversample")) == key:
+        i -= 1
+    if s[i]["from_step"] == 0:
+        return ""
+    mix = s[-1]["oversample"]
+    before = ("per-view and flip-averaged weights 8 each, every crop once per epoch" if "weights" not in s[i - 1]
+              else "other weights or mix (model card)")
+    return (f"; these weights from step {s[i]['from_step']:,} on"
             + (", crops per epoch " + ", ".join(f"{k} x{v}" for k, v in (kv.split("=") for kv in mix.split(",")))
                if mix else "")
-            + ", before it per-view and flip-averaged weights 8 each, every crop once per epoch")
+            + f", before it {before}")
 
 
 def v2_licence(st: dict) -> str:
