@@ -31,18 +31,22 @@ pub fn lfw_dir() -> PathBuf {
     manifest_dir().join("../shared/lfw")
 }
 
+/// `ORT_DYLIB_PATH`, else the library `make ort` puts in this checkout.
+fn ort_dylib() -> PathBuf {
+    std::env::var("ORT_DYLIB_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| manifest_dir().join("third_party/onnxruntime/libonnxruntime.so.1.31.1"))
+}
+
 /// A config as the binary would parse it, pointed at this checkout's model and
 /// ONNX Runtime library, listening on a free loopback port, with its own database.
 pub fn test_config(db_path: &Path) -> Config {
     let root = manifest_dir();
-    let dylib = std::env::var("ORT_DYLIB_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("third_party/onnxruntime/libonnxruntime.so.1.31.1"));
     let args = [
         "test".to_string(),
         "--listen=127.0.0.1:0".into(),
         format!("--model={}", root.join("models/mobiface.onnx").display()),
-        format!("--ort-dylib={}", dylib.display()),
+        format!("--ort-dylib={}", ort_dylib().display()),
         format!("--database={}", db_path.display()),
         format!(
             "--detector={}",
@@ -309,9 +313,6 @@ impl Server {
         dir: tempfile::TempDir,
     ) -> Server {
         let root = manifest_dir();
-        let dylib = std::env::var("ORT_DYLIB_PATH")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| root.join("third_party/onnxruntime/libonnxruntime.so.1.31.1"));
         let mut child = Command::new(env!("CARGO_BIN_EXE_mobiface"))
             .arg("serve")
             .arg("--listen=127.0.0.1:0")
@@ -319,7 +320,7 @@ impl Server {
                 "--model={}",
                 root.join("models/mobiface.onnx").display()
             ))
-            .arg(format!("--ort-dylib={}", dylib.display()))
+            .arg(format!("--ort-dylib={}", ort_dylib().display()))
             .arg(format!("--database={database}"))
             .args(extra)
             .arg("--log-format=json")
@@ -333,33 +334,18 @@ impl Server {
             .expect("binary starts");
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
-        // Both pipes are drained for the child's whole life, so it never blocks on a full one.
-        let stderr = child.stderr.take().expect("stderr");
-        let err_log = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut log = err_log.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        let stdout = child.stdout.take().expect("stdout");
-        let out_log = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    if v["message"] == "listening" {
-                        if let Some(a) = v["address"].as_str() {
-                            let _ = tx.send(a.to_string());
-                        }
+        keep_lines(child.stderr.take().expect("stderr"), &log, |_| {});
+        keep_lines(child.stdout.take().expect("stdout"), &log, move |line| {
+            if let Ok(v) = serde_json::from_str::<Value>(line) {
+                if v["message"] == "listening" {
+                    if let Some(a) = v["address"].as_str() {
+                        let _ = tx.send(a.to_string());
                     }
                 }
-                let mut log = out_log.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
             }
         });
         let address = rx.recv_timeout(Duration::from_secs(120));
+        // built before the address is known, so that a failed start still kills the child (Drop)
         let mut server = Server {
             child,
             address: String::new(),
@@ -413,6 +399,24 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Appends each line of a child's pipe to `log`, for the child's whole life, so it never
+/// blocks on a full pipe; `each` sees the line first.
+fn keep_lines(
+    pipe: impl std::io::Read + Send + 'static,
+    log: &Arc<Mutex<String>>,
+    mut each: impl FnMut(&str) + Send + 'static,
+) {
+    let log = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            each(&line);
+            let mut log = log.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
 }
 
 impl Drop for Server {
